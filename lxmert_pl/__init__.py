@@ -1,0 +1,9 @@
+"""lxmert_pl: image-text matching with LXMERT.
+
+Matching-head convention, everywhere in this package: the matching head
+(`cross_relationship_score`) returns two logits and **index 1 means "matched"**;
+P(match) = softmax(logits)[:, 1].
+"""
+
+__version__ = "0.1.0"
+MATCHED_INDEX = 1
