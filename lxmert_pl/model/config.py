@@ -1,0 +1,92 @@
+"""LXRT architecture configuration: a dataclass with HF `LxmertConfig` field names, and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+# Keys of HF/original config files that carry no architecture information (task flags, bookkeeping).
+_IGNORED_CONFIG_KEYS = {
+    "model_type", "architectures", "transformers_version", "task_matched", "task_mask_lm", "task_obj_predict",
+    "task_qa", "visual_obj_loss", "visual_attr_loss", "visual_feat_loss", "mode", "torch_dtype", "dtype",
+    "pad_token_id", "output_attentions", "output_hidden_states", "return_dict", "initializer_range",
+}
+
+
+@dataclass
+class LxrtConfig:
+    """Sizes of LXRT and its heads. Defaults are the released `lxr955` model (BERT-base, 9/5/5 layers)."""
+
+    vocab_size: int = 30522  # WordPiece vocabulary (bert-base-uncased)
+    hidden_size: int = 768  # width of both streams
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072  # FFN width
+    l_layers: int = 9  # language self-attention layers
+    x_layers: int = 5  # cross-modality layers
+    r_layers: int = 5  # object-relationship (vision self-attention) layers
+    visual_feat_dim: int = 2048  # detector feature size per box
+    visual_pos_dim: int = 4  # box coordinates (x1, y1, x2, y2), normalised
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"  # exact (erf) GeLU; the only activation the original uses
+    num_qa_labels: int = 9500  # pretraining QA head answers (released snapshot: 9500)
+    num_object_labels: int = 1600  # Visual Genome object classes
+    num_attr_labels: int = 400  # Visual Genome attributes
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: LXRT uses the exact 'gelu'")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], strict: bool = True) -> "LxrtConfig":
+        """`strict`: unknown keys are an error (our own configs); False ignores them (foreign config files)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known - _IGNORED_CONFIG_KEYS
+        if unknown and strict:
+            raise ValueError(f"unknown LXRT config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path, strict: bool = False) -> "LxrtConfig":
+        """Read an HF-style `config.json`; keys that describe no LXRT size are ignored unless `strict`."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read model config {path}: {err}") from err
+        try:
+            return cls.from_dict(values, strict=strict)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "LxrtConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, LxrtConfig] = {
+    # The released LXMERT model (model_LXRT.pth, unc-nlp/lxmert-base-uncased).
+    "lxr955": LxrtConfig(),
+    # A tiny model for tests and the bundled demo (same layout as ../shared/golden/lxrt/tiny_config.json).
+    "tiny": LxrtConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=2, x_layers=1,
+                       r_layers=1, num_qa_labels=9),
+}
+
+
+def get_preset(name: str) -> LxrtConfig:
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}") from None
