@@ -1,0 +1,326 @@
+"""Checkpoint registry: short aliases for the checkpoints lxmert_pl reads, and a resumable, verified downloader.
+
+The registry is `checkpoints/registry.yaml` (its comments describe the fields). `resolve_checkpoint` turns a path or an
+alias into a local path: an existing path is passed through untouched, an alias is looked up under the checkpoints
+folder and downloaded there when it is missing. Where the checkpoints folder is: the argument `checkpoints_dir`, else
+the environment variable `LXMERT_PL_CHECKPOINTS`, else the repository's `checkpoints/` folder. Bundled entries (demo
+checkpoints that ship with the repository) are always read from the folder that holds their registry file.
+
+`download_file` streams into `<dest>.part`, resumes a partial `.part` with an HTTP Range request (restarting when the
+server ignores it), checks the size and sha256 when the registry knows them, and renames the file into place only
+after that check. The digest it computed is written next to the file as `<dest>.sha256` (`sha256sum` format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+import yaml
+from tqdm import tqdm
+
+from lxmert_pl import __version__
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf")
+BUNDLED = "bundled"
+ENV_CHECKPOINTS = "LXMERT_PL_CHECKPOINTS"
+REPO_CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+DEFAULT_REGISTRY = REPO_CHECKPOINTS_DIR / "registry.yaml"
+CHUNK_BYTES = 1 << 20
+DEFAULT_TIMEOUT_S = 30.0
+USER_AGENT = f"lxmert_pl/{__version__}"
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class RegistryError(Exception):
+    """Base class of the errors raised here; also raised for a malformed registry file."""
+
+
+class UnknownCheckpointError(RegistryError, LookupError):
+    """Neither an existing path nor a known alias; the message lists the aliases."""
+
+
+class CheckpointUnavailableError(RegistryError, FileNotFoundError):
+    """A known alias whose files are missing and were not downloaded; the message says what to put where."""
+
+
+class DownloadError(RegistryError):
+    """The server could not be reached, refused the file, or the transfer broke off (the `.part` is kept)."""
+
+
+class VerificationError(RegistryError):
+    """A downloaded file has the wrong size or sha256; the message gives expected and got, the `.part` is deleted."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One downloadable file: `relpath` is its place under the checkpoints folder."""
+
+    relpath: str
+    url: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registry alias.
+
+    `downloads` is empty for bundled and manual-only entries; `bundled_dir` is set only for bundled entries (the
+    folder holding the registry file); `manual` is a page to fetch the checkpoint from by hand.
+    """
+
+    alias: str
+    file: str
+    format: str
+    description: str
+    downloads: tuple[RemoteFile, ...] = ()
+    bundled_dir: Path | None = None
+    manual: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A local checkpoint path; `alias`, `format` and `description` are None for a path given directly."""
+
+    path: Path
+    alias: str | None = None
+    format: str | None = None
+    description: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------- registry file
+
+
+def default_checkpoints_dir() -> Path:
+    """`$LXMERT_PL_CHECKPOINTS` when set, else the repository's `checkpoints/` folder."""
+    override = os.environ.get(ENV_CHECKPOINTS)
+    return Path(override).expanduser() if override else REPO_CHECKPOINTS_DIR
+
+
+def load_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Entry]:
+    """Read a registry YAML (default: `checkpoints/registry.yaml`) into `{alias: Entry}`, validating every entry."""
+    path = Path(path) if path is not None else DEFAULT_REGISTRY
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{path}: expected a mapping of aliases to entries")
+    return {str(alias): _parse_entry(str(alias), fields, path) for alias, fields in raw.items()}
+
+
+def _parse_entry(alias: str, fields: Any, registry_path: Path) -> Entry:
+    """Validate one alias's fields and build its `Entry`."""
+    where = f"{registry_path}: entry '{alias}'"
+    if not isinstance(fields, dict) or not all(key in fields for key in ("file", "format", "description")):
+        raise RegistryError(f"{where}: needs at least `file`, `format` and `description`")
+    if fields["format"] not in FORMATS:
+        raise RegistryError(f"{where}: format {fields['format']!r} is not one of {', '.join(FORMATS)}")
+    entry = Entry(alias=alias, file=str(fields["file"]), format=fields["format"], description=fields["description"])
+    source = fields.get("source")
+    if source == BUNDLED:
+        return replace(entry, bundled_dir=registry_path.parent.resolve())
+    if isinstance(source, str):
+        return replace(entry, downloads=(_remote_file(where, entry.file, source, fields),))
+    if isinstance(source, list):
+        return replace(entry, downloads=tuple(_dir_file(where, entry.file, item) for item in source))
+    if source is None and fields.get("manual"):
+        return replace(entry, manual=str(fields["manual"]))
+    raise RegistryError(f"{where}: `source` must be a URL, a list of files, {BUNDLED!r}, or null with `manual`")
+
+
+def _dir_file(where: str, directory: str, item: Any) -> RemoteFile:
+    """One file of a directory entry (an item of its `source` list)."""
+    if not isinstance(item, dict) or not item.get("file"):
+        raise RegistryError(f"{where}: each item of a `source` list needs `file` and `url`")
+    return _remote_file(where, f"{directory}/{item['file']}", item.get("url"), item)
+
+
+def _remote_file(where: str, relpath: str, url: Any, fields: dict[str, Any]) -> RemoteFile:
+    """Validate a URL with its optional `sha256` and `size`."""
+    sha256, size = fields.get("sha256"), fields.get("size")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise RegistryError(f"{where}: {relpath}: `url` must be an http(s) URL, got {url!r}")
+    if sha256 is not None and not _SHA256_RE.fullmatch(str(sha256).lower()):
+        raise RegistryError(f"{where}: {relpath}: `sha256` must be 64 hex digits or null, got {sha256!r}")
+    if size is not None and (not isinstance(size, int) or size < 0):
+        raise RegistryError(f"{where}: {relpath}: `size` must be a byte count or null, got {size!r}")
+    return RemoteFile(relpath=relpath, url=url, sha256=str(sha256).lower() if sha256 else None, size=size)
+
+
+# ----------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike[str],
+    *,
+    checkpoints_dir: str | os.PathLike[str] | None = None,
+    registry: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> ResolvedCheckpoint:
+    """Turn an existing path or a registry alias into a local checkpoint path.
+
+    An existing file or directory is returned as is (format None: the loader detects it), even when its name is also
+    an alias. An alias resolves under `checkpoints_dir` (see `default_checkpoints_dir`); its missing files are
+    downloaded there when `download` is true. Raises `UnknownCheckpointError` (listing the aliases) for anything else,
+    and `CheckpointUnavailableError` (saying which file to put where, from which URL) when the files are missing and
+    cannot be downloaded.
+    """
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        return ResolvedCheckpoint(path=candidate)
+    registry_path = Path(registry) if registry is not None else DEFAULT_REGISTRY
+    entries = load_registry(registry_path)
+    entry = entries.get(str(name_or_path))
+    if entry is None:
+        raise UnknownCheckpointError(
+            f"{str(name_or_path)!r} is neither an existing file or directory nor a checkpoint alias; "
+            f"known aliases (from {registry_path}): {', '.join(sorted(entries))}"
+        )
+    root = entry.bundled_dir or Path(checkpoints_dir or default_checkpoints_dir()).expanduser()
+    _fetch_missing(entry, root, download=download, progress=progress)
+    return ResolvedCheckpoint(path=root / entry.file, alias=entry.alias, format=entry.format,
+                              description=entry.description)
+
+
+def _fetch_missing(entry: Entry, root: Path, *, download: bool, progress: bool) -> None:
+    """Download the entry's missing files into `root`, or raise `CheckpointUnavailableError`."""
+    if not entry.downloads:
+        if not (root / entry.file).exists():
+            raise _unavailable(entry, root, [], "it is missing")
+        return
+    missing = [remote for remote in entry.downloads if not (root / remote.relpath).exists()]
+    if missing and not download:
+        raise _unavailable(entry, root, missing, "it is missing and downloading is disabled (download=False)")
+    for index, remote in enumerate(missing):
+        try:
+            download_file(remote.url, root / remote.relpath, sha256=remote.sha256, size=remote.size, progress=progress)
+        except DownloadError as err:
+            raise _unavailable(entry, root, missing[index:], f"the download failed ({err})") from err
+
+
+def _unavailable(entry: Entry, root: Path, missing: list[RemoteFile], reason: str) -> CheckpointUnavailableError:
+    """The error for a known alias that cannot be made available: why, and what to put where."""
+    lines = [f"checkpoint {entry.alias!r} is not available: {reason}."]
+    if missing:
+        lines.append("Download it yourself:")
+        lines += [f"  put {Path(r.relpath).name} at {root / r.relpath}\n    from {r.url}" for r in missing]
+    else:
+        target = root / entry.file
+        origin = f"fetch it by hand from {entry.manual}" if entry.manual else "it ships with the repository"
+        lines.append(f"  put {target.name} at {target} ({origin})")
+    return CheckpointUnavailableError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- downloading
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike[str],
+    sha256: str | None = None,
+    size: int | None = None,
+    progress: bool = True,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> str:
+    """Download `url` to `dest` and return the file's sha256 (hex).
+
+    Streams into `<dest>.part` (resuming an existing one with a Range request), verifies `size` and `sha256` when
+    given, then renames the file to `dest` and records the digest in `<dest>.sha256`. Without `sha256` the download
+    is logged as unverified. `timeout` (seconds) bounds the connection and every read. Raises `DownloadError` when the
+    transfer fails (a partial `.part` is kept for the next try) and `VerificationError` on a size or sha256 mismatch
+    (the `.part` is deleted).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    got = _fetch(url, part, progress=progress, timeout=timeout).hexdigest()
+    _verify(url, part, got, sha256=sha256, size=size)
+    os.replace(part, dest)
+    dest.with_name(dest.name + ".sha256").write_text(f"{got}  {dest.name}\n", encoding="utf-8")
+    if sha256 is None:
+        logger.warning("could not verify %s: no sha256 is known for it; computed %s (recorded in %s.sha256)",
+                       dest, got, dest.name)
+    return got
+
+
+def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> "hashlib._Hash":
+    """Bring `part` up to the whole file (resuming when the server allows) and return its running sha256."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urlopen(Request(url, headers=headers), timeout=timeout)
+    except HTTPError as err:
+        if err.code == 416 and offset:  # the .part does not fit the file (e.g. the file changed): start over
+            logger.info("server rejected resuming %s at byte %d; restarting", url, offset)
+            part.unlink()
+            return _fetch(url, part, progress=progress, timeout=timeout)
+        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
+    except (URLError, OSError, http.client.HTTPException) as err:
+        raise DownloadError(f"cannot reach {url}: {getattr(err, 'reason', err)}") from err
+    with response:
+        resumed = bool(offset) and response.status == 206
+        if offset and not resumed:
+            logger.info("server ignored the Range request for %s; restarting from byte 0", url)
+        digest = _sha256_of(part) if resumed else hashlib.sha256()
+        with part.open("ab" if resumed else "wb") as out:
+            _stream(response, out, digest, start=offset if resumed else 0, label=part.name[: -len(".part")],
+                    progress=progress)
+    return digest
+
+
+def _stream(response: http.client.HTTPResponse, out: BinaryIO, digest: "hashlib._Hash", *, start: int, label: str,
+            progress: bool) -> None:
+    """Copy the response body to `out`, updating `digest` and a byte progress bar; detect a cut-off transfer."""
+    length = response.headers.get("Content-Length")
+    expected = int(length) if length is not None else None
+    received = 0
+    with tqdm(total=None if expected is None else start + expected, initial=start, unit="B", unit_scale=True,
+              unit_divisor=1024, desc=label, disable=not progress) as bar:
+        try:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+                received += len(chunk)
+        except (OSError, http.client.HTTPException) as err:
+            raise DownloadError(f"transfer of {response.url} broke off after {start + received} bytes ({err}); "
+                                f"the partial file {out.name} is kept and resumed on the next try") from err
+    if expected is not None and received < expected:
+        raise DownloadError(f"transfer of {response.url} ended after {start + received} of {start + expected} "
+                            f"bytes; the partial file {out.name} is kept and resumed on the next try")
+
+
+def _sha256_of(path: Path) -> "hashlib._Hash":
+    """Running sha256 of a file's current content."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest
+
+
+def _verify(url: str, part: Path, got: str, *, sha256: str | None, size: int | None) -> None:
+    """Check the finished `.part` against the expected size and digest; delete it and raise on a mismatch."""
+    actual = part.stat().st_size
+    problems = []
+    if size is not None and actual != size:
+        problems.append(f"size: expected {size} bytes, got {actual}")
+    if sha256 is not None and got != sha256.lower():
+        problems.append(f"sha256: expected {sha256.lower()}, got {got}")
+    if problems:
+        part.unlink()
+        raise VerificationError(f"download of {url} failed verification ({'; '.join(problems)}); "
+                                f"deleted {part}")
