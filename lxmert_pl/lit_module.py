@@ -1,0 +1,191 @@
+"""The LightningModule: LXRT + heads for evaluation (test/predict) and fine-tuning (fit).
+
+Scores per pair: `itm` = P(matched) = softmax(matching logits)[:, 1] (logit index 1 means "matched"), or `cosine` =
+max over boxes of cos(vision output, pooled output). Evaluation collects (pair index, score, label) per batch; at
+the end of the epoch every process's results are gathered (each pair was seen by exactly one process — see
+`lxmert_pl.data.sampler`), checked for duplicates and holes, ordered by pair index, and the metrics are computed on
+the whole set. Training minimises cross-entropy on the matching logits with target 1 for matched pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lxmert_pl.metrics import matching_metrics
+from lxmert_pl.model.config import LxrtConfig
+from lxmert_pl.model.heads import LxmertMatchingModel
+from lxmert_pl.scoring import SCORE_MODES, forward_batch
+
+DEFAULT_THRESHOLDS = {"itm": 0.5, "cosine": 0.0}
+FINETUNE_CHOICES = ("all", "head", "top-k")
+
+
+class MatchingModule(pl.LightningModule):
+    def __init__(
+        self,
+        model_config: dict[str, Any],
+        heads: tuple[str, ...] | list[str] = ("matching",),
+        mode: str = "itm",
+        threshold: float | None = None,
+        factorize: str = "auto",
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        finetune: str = "all",
+        top_k_cross: int = 2,
+        seed: int = 0,
+        model: LxmertMatchingModel | None = None,
+    ):
+        """`model`: an already loaded model (its config/heads must match); otherwise a fresh one is built (its
+        weights then come from a Lightning checkpoint)."""
+        super().__init__()
+        if mode not in SCORE_MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid: {SCORE_MODES}")
+        if finetune not in FINETUNE_CHOICES:
+            raise ValueError(f"unknown finetune {finetune!r}; valid: {FINETUNE_CHOICES}")
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["heads"] = list(heads)
+        self.model = model if model is not None else LxmertMatchingModel(LxrtConfig.from_dict(model_config), tuple(heads))
+        if mode == "itm" and not self.model.has_matching_head:
+            raise ValueError("mode 'itm' needs a matching head (cls.seq_relationship); this model has none: "
+                             "use mode 'cosine'")
+        self.mode = mode
+        self.threshold = DEFAULT_THRESHOLDS[mode] if threshold is None else float(threshold)
+        self.factorize = factorize
+        self._outputs: list[dict[str, torch.Tensor]] = []
+        self.results: dict[str, Any] | None = None  # set at the end of test/validation: predictions + metrics
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def score_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = forward_batch(self.model, batch, self.factorize)
+        score = out.match_prob if self.mode == "itm" else out.cosine
+        row = {"index": batch["index"], "score": score.float(), "label": batch["labels"], "cosine": out.cosine.float()}
+        if out.match_logits is not None:
+            row["logits"] = out.match_logits.float()
+        return row
+
+    def _collect(self, batch: dict) -> None:
+        self._outputs.append({k: v.detach().cpu() for k, v in self.score_batch(batch).items()})
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.score_batch(batch).items()}
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def on_test_epoch_end(self) -> None:
+        self.results = self._finish("test")
+
+    # ----------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labels = batch["labels"]
+        if (labels < 0).any():
+            raise ValueError("training pairs need labels (1 = matched, 0 = not matched)")
+        # Dropout draws from a generator seeded by (seed, step, rank): a resumed run repeats an uninterrupted one.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        out = forward_batch(self.model, batch, "never")
+        # Target index 1 = "matched", index 0 = "not matched" (the pretraining convention).
+        loss = F.cross_entropy(out.match_logits.float(), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._finish("val")
+        if results is not None and results["metrics"]:
+            for name in ("roc_auc", "accuracy", "f1", "average_precision"):
+                value = results["metrics"].get(name)
+                if value is not None:
+                    self.log(f"val/{name}", value, rank_zero_only=False, sync_dist=False)
+        self.results = results
+
+    def configure_optimizers(self):
+        self.apply_finetune_mode()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorms, as BertAdam's users set it
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.hparams.warmup_ratio * total))
+
+        def warmup_linear(step: int) -> float:  # BertAdam's schedule: linear warm-up, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def apply_finetune_mode(self) -> None:
+        """`all`: everything trains; `head`: the matching head and pooler; `top-k`: plus the last k cross layers."""
+        finetune = self.hparams.finetune
+        if not self.model.has_matching_head:
+            raise ValueError("fine-tuning needs a matching head (cls.seq_relationship)")
+        for p in self.model.parameters():
+            p.requires_grad = finetune == "all"
+        if finetune == "all":
+            return
+        trainable = [self.model.cls.seq_relationship, self.model.bert.pooler]
+        if finetune == "top-k":
+            trainable += list(self.model.bert.encoder.x_layers)[-self.hparams.top_k_cross :]
+        for module in trainable:
+            for p in module.parameters():
+                p.requires_grad = True
+
+    # ------------------------------------------------------------------------------------------- gathering
+    def _finish(self, stage: str) -> dict[str, Any] | None:
+        local = _concat(self._outputs)
+        self._outputs = []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+            local = _concat([p for p in parts if p])
+        if not local:
+            return None
+        order = torch.argsort(local["index"])
+        merged = {k: v[order] for k, v in local.items()}
+        index = merged["index"]
+        if len(index) > 1 and bool((index[1:] == index[:-1]).any()):
+            dupes = sorted({int(i) for i in index[1:][index[1:] == index[:-1]]})
+            raise RuntimeError(f"{stage}: {len(dupes)} pairs were scored twice after gathering the processes' "
+                               f"results (pair indices {dupes[:10]}; {len(index)} scores in all)")
+        metrics: dict[str, float] = {}
+        labelled = merged["label"] >= 0
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return {"stage": stage, **merged, "metrics": metrics}
+        if bool(labelled.any()):
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            pairs = getattr(datamodule, f"{stage}_pairs", None)  # Pair records: img_id/sent group the retrieval metrics
+            img_ids = [pairs[i].img_id for i in index.tolist()] if pairs else [None] * len(index)
+            sents = [pairs[i].sent for i in index.tolist()] if pairs else [None] * len(index)
+            keep = labelled.nonzero().flatten().tolist()
+            metrics = matching_metrics(
+                merged["score"][labelled], merged["label"][labelled],
+                [img_ids[i] for i in keep] if pairs else list(range(len(keep))),
+                [sents[i] for i in keep] if pairs else list(range(len(keep))),
+                self.threshold,
+            )
+        return {"stage": stage, **merged, "metrics": metrics}
+
+
+def _concat(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if not rows:
+        return {}
+    keys = set.intersection(*(set(r) for r in rows))
+    return {k: torch.cat([r[k] for r in rows]) for k in keys}

@@ -1,0 +1,84 @@
+"""Loggers and the progress bar shared by eval and train: CSV always, wandb when configured.
+
+wandb runs offline automatically when no credentials are set (no `WANDB_API_KEY`, no `api.wandb.ai` entry in
+~/.netrc), so nothing tries to reach the network unasked; `wandb sync <out>/wandb/offline-run-*` uploads later.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(requested: str) -> str:
+    if requested not in ("auto", "online", "offline", "disabled"):
+        raise ValueError(f"logger.wandb.mode must be auto|online|offline|disabled, got {requested!r}")
+    if requested == "auto":
+        return "online" if wandb_has_credentials() else "offline"
+    return requested
+
+
+def build_loggers(logger_cfg: Any, out_dir: Path, name: str, config: dict) -> list[Logger]:
+    loggers: list[Logger] = []
+    if logger_cfg.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+    wandb_cfg = logger_cfg.get("wandb") or {}
+    if wandb_cfg.get("project"):
+        mode = wandb_mode(wandb_cfg.get("mode", "auto"))
+        if mode != "disabled":
+            loggers.append(WandbLogger(project=wandb_cfg.project, entity=wandb_cfg.get("entity"), name=name,
+                                       save_dir=str(out_dir), mode=mode, config=config))
+    return loggers
+
+
+def wandb_logger(loggers: list[Logger]) -> WandbLogger | None:
+    return next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
+
+
+class PairsPerSecondBar(TQDMProgressBar):
+    """The standard bar, with pairs/s (not batches/s) in its postfix during test, predict and validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0.0
+        self._pairs = 0
+
+    def _reset(self) -> None:
+        self._start, self._pairs = time.perf_counter(), 0
+
+    def _update(self, bar, batch: dict) -> None:
+        self._pairs += len(batch["index"])
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        if bar is not None:
+            bar.set_postfix({"pairs/s": f"{self._pairs / elapsed:.1f}"}, refresh=False)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        super().on_test_epoch_start(trainer, pl_module)
+        self._reset()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(self.test_progress_bar, batch)
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(self.val_progress_bar, batch)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
