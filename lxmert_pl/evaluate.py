@@ -41,10 +41,11 @@ def run_name(cfg: DictConfig) -> str:
     return base if cfg.name or cfg.mode == "itm" else f"{base}_{cfg.mode}"
 
 
-def describe_weights(ckpt: str, resolved) -> str:
+def describe_weights(resolved) -> str:
+    """Say plainly which weights are loaded; bundled demo weights are named as such."""
     if resolved.alias and resolved.alias.startswith("demo-"):
-        return (f"{resolved.alias}: the BUNDLED DEMO weights (a tiny model trained on synthetic shape scenes) — "
-                f"scores are meaningful for the bundled sample data only; use --ckpt lxr955 for real images")
+        return (f"{resolved.alias} = the BUNDLED DEMO weights ({resolved.description}); their scores mean something "
+                f"only on the bundled sample data: use --ckpt lxr955 for real images. File: {resolved.path}")
     if resolved.alias:
         return f"{resolved.alias} ({resolved.description}) from {resolved.path}"
     return str(resolved.path)
@@ -70,23 +71,34 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
             raise ValueError("no feature files: pass --features TSV_OR_STORE (or data.images for one-step matching)")
         paths = [str(_require_file(p, "feature file")) for p in data.features]
         return open_feature_source(paths), f"features: {', '.join(paths)}"
-    from lxmert_pl.detector import ImageFolderFeatureSource, load_detector
+    import numpy as np
+
+    from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, load_detector
 
     images = _require_file(data.images, "image folder")
     boxes = None
     if data.boxes:
         with open(_require_file(data.boxes, "boxes file"), encoding="utf-8") as f:
-            boxes = json.load(f)
+            boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
     detector, report = load_detector(detector_ckpt.path)
-    say(f"Detector: {describe_weights(str(cfg.detector.ckpt), detector_ckpt)}\n  {report.summary()}")
+    say(f"Detector: {describe_weights(detector_ckpt)}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
-    source = ImageFolderFeatureSource(
-        images, detector, min_boxes=cfg.detector.min_boxes, max_boxes=cfg.detector.max_boxes,
-        given_boxes=boxes, cache_path=cache, batch_size=cfg.detector.batch_size,
-    )
-    mode = "at the given boxes" if boxes else f"{cfg.detector.min_boxes}-{cfg.detector.max_boxes} boxes"
-    return source, f"images: {images} (features extracted {mode})"
+    selection = BoxSelection(cfg.detector.min_boxes, cfg.detector.max_boxes)
+    source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache)
+    mode = "at the given boxes of " + str(data.boxes) if boxes else selection.describe()
+    return source, f"images: {images} (features extracted by the detector, {mode})"
+
+
+def prefetch_images(source, pairs_file: str, batch_size: int) -> None:
+    """One-step matching: extract every image the pairs need up front (each once), before any worker reads.
+
+    Under DDP this runs in the launching process before the others start, so they find everything cached."""
+    from lxmert_pl.pairs.io import load_pairs
+
+    if hasattr(source, "prefetch"):
+        needed = [p.img_id for p in load_pairs(pairs_file) if p.img_id in source]
+        source.prefetch(needed, batch_size=batch_size)
 
 
 def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
@@ -116,9 +128,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=require)
-    say(f"Weights: {describe_weights(str(cfg.ckpt), resolved)}\n  {report.summary()}")
+    say(f"Weights: {describe_weights(resolved)}\n  {report.summary()}")
 
     source, source_text = build_feature_source(cfg, out_dir)
+    prefetch_images(source, cfg.data.pairs, cfg.detector.batch_size)
     datamodule = MatchingDataModule(
         feature_source=source, test_pairs=cfg.data.pairs, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, max_seq_length=cfg.data.max_seq_length,

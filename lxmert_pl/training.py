@@ -48,7 +48,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     start = cfg.resume or cfg.ckpt
     resolved = resolve_checkpoint(str(start))
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=("matching",))
-    say(f"{'Resuming' if cfg.resume else 'Starting'} from: {describe_weights(str(start), resolved)}\n  {report.summary()}")
+    say(f"{'Resuming' if cfg.resume else 'Starting'} from: {describe_weights(resolved)}\n  {report.summary()}")
 
     datamodule = TrainingDataModule(
         feature_source=open_feature_source(features), train_pairs=train_file, val_pairs=val_file,

@@ -1,0 +1,214 @@
+"""Loading the HF port's detector checkpoints (`unc-nlp/frcnn-vg-finetuned` layout) into `BottomUpFasterRCNN`.
+
+A detector directory holds `config.yaml` (the port's format, see `config.FrcnnConfig`) and the weights as
+`pytorch_model.bin` (a plain state dict, read with `torch.load(weights_only=True)`) or `*.safetensors`. Every tensor
+of this module is looked up under the port's key name (`port_key`); the report counts what was loaded, what the
+checkpoint lacks (an error), what it has that nothing uses (reported) and what is known but unused at test time
+(BatchNorm `num_batches_tracked`, the box-regression layer `bbox_pred`: obj36 boxes are unregressed proposals).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import FrcnnConfig
+from .model import BottomUpFasterRCNN, build_detector
+
+CONFIG_NAME = "config.yaml"
+WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors")
+
+# (prefix in this module, prefix in the port's checkpoint), first match wins.
+_PREFIX_MAP = (
+    ("backbone.", "backbone."),
+    ("rpn.anchor_generator.cell_anchors", "proposal_generator.anchor_generator.cell_anchors.0"),
+    ("rpn.head.conv.", "proposal_generator.rpn_head.conv."),
+    ("rpn.head.cls_logits.", "proposal_generator.rpn_head.objectness_logits."),
+    ("rpn.head.bbox_pred.", "proposal_generator.rpn_head.anchor_deltas."),
+    ("roi_head.res5.", "roi_heads.res5."),
+    ("roi_head.predictor.", "roi_heads.box_predictor."),
+)
+# Inside ResNet blocks: torchvision-style names here, detectron2-style (norm inside the conv) in the port.
+_BLOCK_RENAMES = (
+    (re.compile(r"(^|\.)bn([123])\."), r"\1conv\2.norm."),
+    (re.compile(r"(^|\.)downsample\.0\."), r"\1shortcut."),
+    (re.compile(r"(^|\.)downsample\.1\."), r"\1shortcut.norm."),
+)
+# Port keys that exist in every checkpoint but have no role at test time.
+_IGNORED = re.compile(r"(\.num_batches_tracked$)|(^roi_heads\.box_predictor\.bbox_pred\.(weight|bias)$)")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the configured architecture (missing or misshapen tensors) or cannot be read."""
+
+
+def port_key(key: str) -> str:
+    """The port's checkpoint key for a state-dict key of `BottomUpFasterRCNN`.
+
+    e.g. `backbone.res4.0.downsample.1.running_var` -> `backbone.res4.0.shortcut.norm.running_var`,
+    `rpn.head.cls_logits.weight` -> `proposal_generator.rpn_head.objectness_logits.weight`.
+    """
+    for ours, theirs in _PREFIX_MAP:
+        if key.startswith(ours):
+            rest = key[len(ours) :]
+            for pattern, replacement in _BLOCK_RENAMES:
+                rest = pattern.sub(replacement, rest)
+            return theirs + rest
+    raise KeyError(f"no checkpoint key is defined for {key!r}")
+
+
+@dataclass
+class LoadReport:
+    """What `load_detector` did. `missing` / `mismatched` are always empty in a returned report (they raise)."""
+
+    config_path: Path
+    weights_path: Path
+    loaded: list[str] = field(default_factory=list)
+    num_values: int = 0
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    architecture: str = ""
+
+    def summary(self) -> str:
+        lines = [
+            f"detector weights: {self.weights_path}",
+            f"detector config:  {self.config_path} ({self.architecture})",
+            f"loaded {len(self.loaded)} tensors ({self.num_values:,} values); missing {len(self.missing)}; "
+            f"unexpected {len(self.unexpected)}; ignored {len(self.ignored)} "
+            "(num_batches_tracked, bbox_pred: unused at test time)",
+        ]
+        if self.unexpected:
+            lines.append("unexpected keys (not used): " + _abbreviate(self.unexpected))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file or a torch state-dict file (`torch.load(weights_only=True)`, CPU).
+
+    The port's renaming of old BatchNorm keys is applied (`gamma` -> `weight`, `beta` -> `bias`).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling refused or corrupt file: say which file and why
+            raise CheckpointError(
+                f"cannot read {path} as a torch state dict with weights_only=True: {error}"
+            ) from error
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} does not hold a flat state dict (str -> Tensor)")
+    renamed = {}
+    for key, value in state.items():
+        key = re.sub(r"\.gamma$", ".weight", key)
+        renamed[re.sub(r"\.beta$", ".bias", key)] = value
+    return renamed
+
+
+def resolve_detector_files(path: str | Path, config: str | Path | None = None) -> tuple[Path, Path]:
+    """(config.yaml, weights file) for a detector directory or a weights file (config defaults to its folder's)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / name for name in WEIGHT_NAMES if (path / name).is_file()]
+        candidates = candidates[:1] or sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        if len(candidates) != 1:
+            found = ", ".join(c.name for c in candidates) or "none"
+            raise FileNotFoundError(
+                f"expected one detector weights file in {path} ({' or '.join(WEIGHT_NAMES)} or *.safetensors), "
+                f"found: {found}"
+            )
+        weights, folder = candidates[0], path
+    elif path.is_file():
+        weights, folder = path, path.parent
+    else:
+        raise FileNotFoundError(f"detector path not found: {path}")
+    config_path = Path(config) if config is not None else folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"detector config not found: {config_path} (the port's config.yaml)")
+    return config_path, weights
+
+
+def load_detector(
+    path: str | Path,
+    config: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    roi_chunk_size: int = 512,
+) -> tuple[BottomUpFasterRCNN, LoadReport]:
+    """Build the detector from the port's `config.yaml` and load its checkpoint.
+
+    Args:
+        path: a detector directory (`config.yaml` + `pytorch_model.bin` or `*.safetensors`) or a weights file.
+        config: the config file, if not `config.yaml` next to the weights.
+        device: where the model goes.
+        roi_chunk_size: RoIs per res5 call (memory bound; see `Res5RoIHead`).
+    Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies.
+    """
+    config_path, weights_path = resolve_detector_files(path, config)
+    cfg = FrcnnConfig.from_yaml(config_path)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size)
+    checkpoint = read_state_dict(weights_path)
+    report = LoadReport(config_path=config_path, weights_path=weights_path, architecture=cfg.summary())
+
+    target = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, tensor in target.items():
+        source = port_key(key)
+        if source not in checkpoint:
+            report.missing.append(source)
+            continue
+        used.add(source)
+        value = checkpoint[source]
+        if value.shape != tensor.shape:
+            report.mismatched.append(f"{source}: checkpoint {tuple(value.shape)}, config implies {tuple(tensor.shape)}")
+            continue
+        loaded[key] = value.to(tensor.dtype)
+    if report.missing or report.mismatched:
+        problems = []
+        if report.missing:
+            problems.append(f"{len(report.missing)} missing: " + _abbreviate(report.missing))
+        if report.mismatched:
+            problems.append(f"{len(report.mismatched)} with another shape: " + _abbreviate(report.mismatched))
+        raise CheckpointError(f"{weights_path} does not fit {config_path} ({cfg.summary()}): " + "; ".join(problems))
+
+    for key in checkpoint:
+        if key not in used:
+            (report.ignored if _IGNORED.search(key) else report.unexpected).append(key)
+    model.load_state_dict(loaded, strict=True)
+    report.loaded = sorted(loaded)
+    report.num_values = sum(t.numel() for t in loaded.values())
+
+    generated = model.rpn.anchor_generator.generate_cell_anchors(cfg.anchor_sizes, cfg.anchor_aspect_ratios)
+    if not torch.allclose(generated, model.rpn.anchor_generator.cell_anchors, atol=1e-3):
+        report.notes.append(
+            "note: the checkpoint's cell anchors differ from those ANCHOR_GENERATOR in the config generates; "
+            "the checkpoint's are used"
+        )
+    return model.to(device), report
+
+
+def export_port_state_dict(model: BottomUpFasterRCNN, cfg: FrcnnConfig) -> dict[str, torch.Tensor]:
+    """The model's tensors under the port's key names, completed with the port-only keys (zero `bbox_pred`, zero
+    `num_batches_tracked`) so that the result also loads strictly into the HF port itself."""
+    state = {port_key(key): value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    for key in [k for k in state if k.endswith(".norm.running_var")]:
+        state[key.replace(".running_var", ".num_batches_tracked")] = torch.tensor(0, dtype=torch.int64)
+    state["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(cfg.num_classes * 4, cfg.pooled_dim)
+    state["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(cfg.num_classes * 4)
+    return state
+
+
+def _abbreviate(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

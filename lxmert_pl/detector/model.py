@@ -1,0 +1,268 @@
+"""The composed bottom-up-attention detector and the extraction entry point.
+
+`BottomUpFasterRCNN` is built from swappable parts, torchvision-style: a preprocessing transform, a backbone, a region
+proposal network and an RoI head. Several images go through one call; the result equals one image at a time:
+
+* backbone and RPN run per image on its unpadded blob (the original's proposal layer is per image; zero-padding a
+  batch changes border activations and with them the proposals, which is the HF port's batching bug);
+* RoI pooling runs per image on its own res4 map;
+* res5 and the predictors - nearly all of the compute - run on the crops of all images together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import RoIPool
+
+from ..features.types import ImageFeatures
+from .backbone import ResNetC4, build_backbone
+from .config import FrcnnConfig
+from .preprocess import CaffePreprocess, read_image
+from .roi_heads import AttributePredictor, Res5RoIHead, build_res5
+from .rpn import AnchorGenerator, BoxDecoder, RegionProposalNetwork, RPNHead
+from .selection import OBJ36, BoxSelection, object_columns, select_boxes
+
+ImageInput = str | Path | np.ndarray
+
+
+@dataclass
+class NetworkOutputs:
+    """Network outputs for one image, before box selection.
+
+    `boxes` (N, 4): RoIs in network (resized) pixels - the RPN's proposals, or the given boxes scaled;
+    `proposal_logits` (N,): RPN objectness, descending (None for given boxes); `pooled` (N, D): the features;
+    `cls_logits` (N, num_classes + 1), `attr_logits` (N, num_attrs + 1): in the checkpoint's column layout.
+    """
+
+    boxes: torch.Tensor
+    proposal_logits: torch.Tensor | None
+    pooled: torch.Tensor
+    cls_logits: torch.Tensor
+    attr_logits: torch.Tensor
+
+
+@dataclass
+class ImageRegions(NetworkOutputs):
+    """`NetworkOutputs` plus the image geometry: `rois` (N, 4) float32 in original pixels (proposals / scale, or the
+    given boxes), `scale` (network = original * scale) and the original size."""
+
+    rois: torch.Tensor
+    scale: float
+    orig_h: int
+    orig_w: int
+
+    @property
+    def cls_prob(self) -> torch.Tensor:
+        """Softmax over all class columns (background included)."""
+        return torch.softmax(self.cls_logits, dim=-1)
+
+    @property
+    def attr_prob(self) -> torch.Tensor:
+        """Softmax over all attribute columns ("no attribute" included)."""
+        return torch.softmax(self.attr_logits, dim=-1)
+
+
+class BottomUpFasterRCNN(nn.Module):
+    """ResNet C4 Faster R-CNN with the Visual Genome attribute head, test time only.
+
+    Args:
+        transform: image -> network blob (caffe mean subtraction + OpenCV resize).
+        backbone: blob (1, 3, H, W) -> res4 map (1, C, H/16, W/16).
+        rpn: res4 map -> proposals (network pixels) for one image.
+        roi_head: RoI pooling + res5 + class/attribute predictors.
+        background_first: column layout of the classifier: False for the HF port's weights (background and
+            "no attribute" are the LAST columns), True for caffe-layout weights.
+    """
+
+    def __init__(
+        self,
+        transform: CaffePreprocess,
+        backbone: ResNetC4,
+        rpn: RegionProposalNetwork,
+        roi_head: Res5RoIHead,
+        background_first: bool = False,
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_head = roi_head
+        self.background_first = background_first
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(
+        self, blobs: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor | None] | None = None
+    ) -> list[NetworkOutputs]:
+        """Network pass over preprocessed blobs (3, H_i, W_i) of any sizes.
+
+        Args:
+            blobs: network inputs, one per image.
+            boxes: per image, RoIs (R, 4) in network pixels to pool instead of the RPN's proposals, or None.
+        """
+        if not blobs:
+            return []
+        boxes = [None] * len(blobs) if boxes is None else boxes
+        if len(boxes) != len(blobs):
+            raise ValueError(f"got {len(boxes)} box sets for {len(blobs)} images")
+        crops, image_boxes, image_logits = [], [], []
+        for blob, given in zip(blobs, boxes, strict=True):
+            features = self.backbone(blob.unsqueeze(0))
+            if given is None:
+                rois, logits = self.rpn(features, (blob.shape[-2], blob.shape[-1]))
+            else:
+                rois, logits = given.to(features), None
+            crops.append(self.roi_head.pool(features, rois))
+            image_boxes.append(rois)
+            image_logits.append(logits)
+        head = self.roi_head(torch.cat(crops))
+        counts = [crop.shape[0] for crop in crops]
+        return [
+            NetworkOutputs(rois, logits, pooled, cls_logits, attr_logits)
+            for rois, logits, pooled, cls_logits, attr_logits in zip(
+                image_boxes,
+                image_logits,
+                head.pooled.split(counts),
+                head.cls_logits.split(counts),
+                head.attr_logits.split(counts),
+                strict=True,
+            )
+        ]
+
+    @torch.inference_mode()
+    def detect(
+        self, images: Sequence[np.ndarray], given_boxes: Sequence[np.ndarray | None] | None = None
+    ) -> list[ImageRegions]:
+        """Preprocess BGR uint8 images (h, w, 3) and run the network on all of them in one pass.
+
+        Args:
+            images: BGR images as `read_image` returns them.
+            given_boxes: per image, None (use the RPN) or float (R, 4) boxes x1 y1 x2 y2 in ORIGINAL pixels.
+        """
+        given_boxes = [None] * len(images) if given_boxes is None else list(given_boxes)
+        if len(given_boxes) != len(images):
+            raise ValueError(f"got {len(given_boxes)} box sets for {len(images)} images")
+        device = self.device
+        inputs = [self.transform(image) for image in images]
+        given = [None if boxes is None else validate_boxes(boxes).to(device) for boxes in given_boxes]
+        scales = [torch.tensor(item.scale, dtype=torch.float32, device=device) for item in inputs]
+        outputs = self(
+            [item.tensor.to(device) for item in inputs],
+            [None if boxes is None else boxes * scale for boxes, scale in zip(given, scales, strict=True)],
+        )
+        return [
+            ImageRegions(
+                **{f.name: getattr(out, f.name) for f in fields(NetworkOutputs)},
+                rois=out.boxes / scale if boxes is None else boxes,
+                scale=item.scale,
+                orig_h=item.orig_h,
+                orig_w=item.orig_w,
+            )
+            for out, boxes, scale, item in zip(outputs, given, scales, inputs, strict=True)
+        ]
+
+    def extract(
+        self,
+        images: Sequence[ImageInput],
+        img_ids: Sequence[str] | None = None,
+        selection: BoxSelection = OBJ36,
+        given_boxes: Sequence[np.ndarray | None] | None = None,
+    ) -> list[ImageFeatures]:
+        """Features of several images in one forward pass, as obj36 TSV rows.
+
+        Args:
+            images: file paths (read with OpenCV, BGR) or BGR uint8 arrays (h, w, 3).
+            img_ids: ids of the rows; default: the file name without its extension (required for arrays).
+            selection: box counts and thresholds of the original selection (not used for images with given boxes).
+            given_boxes: per image, None (detect and select) or (R, 4) boxes in original pixels: their features,
+                classes and attributes are returned for all of them, in the given order.
+        Raises `ImageReadError` naming a file OpenCV cannot read.
+        """
+        if img_ids is None:
+            if any(isinstance(image, np.ndarray) for image in images):
+                raise ValueError("img_ids are required when images are given as arrays")
+            img_ids = [Path(image).stem for image in images]  # type: ignore[arg-type]
+        if len(img_ids) != len(images):
+            raise ValueError(f"got {len(img_ids)} img_ids for {len(images)} images")
+        arrays = [image if isinstance(image, np.ndarray) else read_image(image) for image in images]
+        regions = self.detect(arrays, given_boxes)
+        return [self.to_features(img_id, region, selection) for img_id, region in zip(img_ids, regions, strict=True)]
+
+    def to_features(self, img_id: str, region: ImageRegions, selection: BoxSelection = OBJ36) -> ImageFeatures:
+        """One TSV row: the selected proposals (or all given boxes) with ids, confidences, boxes and features."""
+        if region.proposal_logits is None:
+            object_prob, attr_prob = object_columns(region.cls_prob, region.attr_prob, self.background_first)
+            keep = torch.arange(region.rois.shape[0], device=region.rois.device)
+            objects_conf, objects_id = object_prob.max(dim=1)
+            attrs_conf, attrs_id = attr_prob.max(dim=1)
+            boxes = region.rois
+        else:
+            chosen = select_boxes(region.rois, region.cls_prob, region.attr_prob, selection, self.background_first)
+            keep, boxes = chosen.keep, chosen.boxes
+            objects_id, objects_conf = chosen.objects_id, chosen.objects_conf
+            attrs_id, attrs_conf = chosen.attrs_id, chosen.attrs_conf
+        return ImageFeatures(
+            img_id=img_id,
+            img_h=region.orig_h,
+            img_w=region.orig_w,
+            objects_id=_np(objects_id, np.int64),
+            objects_conf=_np(objects_conf, np.float32),
+            attrs_id=_np(attrs_id, np.int64),
+            attrs_conf=_np(attrs_conf, np.float32),
+            boxes=_np(boxes, np.float32).reshape(-1, 4),
+            features=_np(region.pooled[keep], np.float32),
+        )
+
+
+def build_detector(cfg: FrcnnConfig, roi_chunk_size: int = 512) -> BottomUpFasterRCNN:
+    """The detector with the config's sizes and test-time settings, in eval mode (random weights: see
+    `loading.load_detector` for the checkpoint)."""
+    transform = CaffePreprocess(cfg.pixel_mean, cfg.pixel_std, cfg.min_size_test, cfg.max_size_test, cfg.input_format)
+    rpn = RegionProposalNetwork(
+        AnchorGenerator(cfg.anchor_sizes, cfg.anchor_aspect_ratios, cfg.feature_stride, cfg.anchor_offset),
+        RPNHead(cfg.res4_channels, cfg.rpn_hidden_channels, cfg.num_anchors),
+        BoxDecoder(cfg.rpn_bbox_reg_weights),
+        pre_nms_topk=cfg.rpn_pre_nms_topk,
+        post_nms_topk=cfg.rpn_post_nms_topk,
+        nms_thresh=cfg.rpn_nms_thresh,
+        min_size=cfg.rpn_min_size,
+    )
+    res5 = build_res5(
+        cfg.res4_channels,
+        cfg.bottleneck_channels * 8,
+        cfg.pooled_dim,
+        halve=cfg.res5_halve,
+        stride_in_1x1=cfg.stride_in_1x1,
+        groups=cfg.num_groups,
+    )
+    roi_head = Res5RoIHead(
+        RoIPool((cfg.pooler_resolution, cfg.pooler_resolution), spatial_scale=1.0 / cfg.feature_stride),
+        res5,
+        AttributePredictor(cfg.pooled_dim, cfg.num_classes, cfg.num_attrs),
+        roi_chunk_size=roi_chunk_size,
+    )
+    return BottomUpFasterRCNN(transform, build_backbone(cfg), rpn, roi_head, background_first=False).eval()
+
+
+def validate_boxes(boxes: np.ndarray) -> torch.Tensor:
+    """Given boxes as a float32 (R, 4) tensor; ValueError unless finite x1 y1 x2 y2 with x2 >= x1, y2 >= y1."""
+    array = np.asarray(boxes, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"given boxes must have shape (R, 4), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("given boxes contain NaN or infinite values")
+    if np.any(array[:, 2] < array[:, 0]) or np.any(array[:, 3] < array[:, 1]):
+        raise ValueError("given boxes must be x1 y1 x2 y2 with x2 >= x1 and y2 >= y1")
+    return torch.from_numpy(array)
+
+
+def _np(tensor: torch.Tensor, dtype: type) -> np.ndarray:
+    return tensor.detach().cpu().numpy().astype(dtype, copy=False)

@@ -1,0 +1,241 @@
+"""extract.py and the extraction engine (resume after a real kill, skips, shards, given boxes) and
+ImageFolderFeatureSource, on a tiny random detector and small synthetic images."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lxmert_pl.detector import (
+    ADAPTIVE_10_100,
+    OBJ36,
+    BoxSelection,
+    ExtractionFailedError,
+    ImageFolderFeatureSource,
+    load_detector,
+    save_tiny_detector,
+)
+from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction, shard_path, skipped_path
+from lxmert_pl.detector.tiny import synthetic_image
+from lxmert_pl.features.sources import FeatureSource
+from lxmert_pl.features.tsv import MissingImageError, TsvWriter, iter_tsv_features, read_img_ids
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAMES = [f"img_{k}" for k in range(6)]
+
+_spec = importlib.util.spec_from_file_location("extract", REPO_ROOT / "extract.py")
+extract = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(extract)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny networks' ops are too small to gain from a second thread, and on a busy machine each thread
+    hand-off can stall for milliseconds; restored for other test modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    return save_tiny_detector(tmp_path_factory.mktemp("detector") / "tiny", seed=0, min_size_test=96, max_size_test=160)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Six small images of different sizes, one corrupt file and one non-image file."""
+    directory = tmp_path_factory.mktemp("images")
+    for k, name in enumerate(NAMES):
+        cv2.imwrite(str(directory / f"{name}.png"), synthetic_image(seed=k, height=60 + 10 * k, width=80 + 5 * k))
+    (directory / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (directory / "notes.txt").write_text("ignored: not an image extension")
+    return directory
+
+
+def _rows(path: Path) -> dict:
+    rows = list(iter_tsv_features(path))
+    ids = [row.img_id for row in rows]
+    assert len(ids) == len(set(ids)), f"duplicate rows in {path}: {ids}"
+    return {row.img_id: row for row in rows}
+
+
+def test_cli_extracts_every_readable_image_and_lists_the_skipped(detector_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "feats.tsv"
+    code = extract.main(
+        ["--images", str(image_dir), "--out", str(out), "--detector", str(detector_dir), "--batch-size", "4"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert str(detector_dir / "model.safetensors") in printed and "missing 0" in printed  # weights named at the start
+    rows = _rows(out)
+    assert sorted(rows) == NAMES
+    assert all(row.num_boxes == 36 and row.features.shape == (36, 128) for row in rows.values())
+    assert (rows["img_2"].img_h, rows["img_2"].img_w) == (80, 90)
+    skipped = skipped_path(out).read_text().splitlines()
+    assert len(skipped) == 1 and skipped[0].startswith(str(image_dir / "broken.jpg") + "\t")
+    assert "cannot decode image" in skipped[0]
+
+    # Batched extraction gives what one image at a time gives.
+    model, _ = load_detector(detector_dir)
+    alone = model.extract([image_dir / "img_5.png"])[0]
+    np.testing.assert_array_equal(rows["img_5"].objects_id, alone.objects_id)
+    np.testing.assert_allclose(rows["img_5"].features, alone.features, atol=1e-4, rtol=0)
+
+
+def test_adaptive_selection_flags():
+    args = extract.parse_args(
+        ["--images", "d", "--out", "o.tsv", "--detector", "x", "--min-boxes", "10", "--max-boxes", "100"]
+    )
+    assert args.selection == ADAPTIVE_10_100
+    assert extract.parse_args(["--images", "d", "--out", "o", "--detector", "x"]).selection == OBJ36
+    assert extract.parse_args(
+        ["--images", "d", "--out", "o", "--detector", "x", "--boxes", "20"]
+    ).selection == BoxSelection(20, 20)
+    with pytest.raises(SystemExit):
+        extract.parse_args(["--images", "d", "--out", "o", "--detector", "x", "--boxes", "36", "--min-boxes", "10"])
+
+
+def test_resume_after_kill_gives_exactly_one_row_per_image(tmp_path, image_dir):
+    """A real SIGKILL in the middle of a run, a torn last line, then a restart of the same command."""
+    slow = save_tiny_detector(tmp_path / "slow", seed=0, min_size_test=320, max_size_test=640)  # ~0.2 s per image
+    out = tmp_path / "feats.tsv"
+    command = [sys.executable, "extract.py", "--images", str(image_dir), "--out", str(out), "--detector", str(slow)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_torch_thread
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and read_img_ids(out):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, (
+        f"extract.py ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    )
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    done_before = read_img_ids(out)
+    assert 1 <= len(done_before) < len(NAMES)
+    with open(out, "ab") as handle:  # what a kill during a write leaves: a partial last line
+        handle.write(b"img_9\t100\t100\tAAAA")
+
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert f"{len(done_before)} already in" in finished.stdout
+    assert "removed a truncated last line" in finished.stdout
+    rows = _rows(out)  # decodes every line: complete rows only, each id once
+    assert sorted(rows) == NAMES
+    assert out.read_bytes().endswith(b"\n")
+
+
+def test_devices_shard_and_merge_in_input_order(detector_dir, image_dir, tmp_path):
+    out = tmp_path / "feats.tsv"
+    paths = list_images(image_dir)
+    result = run_extraction(paths, out, detector_dir, OBJ36, batch_size=2, devices=2, log=lambda _: None)
+    assert result.written == len(NAMES) and len(result.skipped) == 1
+    assert read_img_ids(out) == NAMES  # input order (sorted names; broken.jpg skipped)
+    assert not shard_path(out, 0).exists() and not shard_path(out, 1).exists()
+
+
+def test_leftover_shards_of_a_killed_sharded_run_are_merged(detector_dir, image_dir, tmp_path):
+    out = tmp_path / "feats.tsv"
+    model, _ = load_detector(detector_dir)
+    first, second = model.extract([image_dir / "img_0.png", image_dir / "img_3.png"])
+    with TsvWriter(out) as writer:
+        writer.write(first)
+    with TsvWriter(shard_path(out, 1)) as writer:
+        writer.write(first)  # already in the output: must not be duplicated
+        writer.write(second)
+    with open(shard_path(out, 1), "ab") as handle:
+        handle.write(b"img_4\t1\t")  # torn line
+    result = run_extraction(list_images(image_dir), out, detector_dir, OBJ36, log=lambda _: None)
+    assert result.already_done == 2 and result.written == 4
+    assert sorted(_rows(out)) == NAMES and not shard_path(out, 1).exists()
+
+
+def test_given_boxes(detector_dir, image_dir, tmp_path):
+    boxes = {"img_1": [[0, 0, 40, 30], [10, 5, 79, 69]], "img_4": [[3.5, 2.0, 20.0, 90.0]]}
+    boxes_path = tmp_path / "boxes.json"
+    boxes_path.write_text(json.dumps(boxes))
+    out = tmp_path / "given.tsv"
+    argv = [
+        "--images",
+        str(image_dir),
+        "--out",
+        str(out),
+        "--detector",
+        str(detector_dir),
+        "--given-boxes",
+        str(boxes_path),
+    ]
+    assert extract.main(argv) == 0
+    rows = _rows(out)
+    assert sorted(rows) == ["img_1", "img_4"]
+    np.testing.assert_array_equal(rows["img_1"].boxes, np.asarray(boxes["img_1"], dtype=np.float32))
+    assert rows["img_4"].num_boxes == 1 and rows["img_4"].features.shape == (1, 128)
+    reasons = skipped_path(out).read_text()
+    assert "no boxes for img_id 'img_0'" in reasons and "broken.jpg" in reasons
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"img_1": [[10, 10, 5, 20]]}))
+    with pytest.raises(ValueError, match="img_1"):
+        load_given_boxes(bad)
+
+
+def test_list_file_and_duplicate_ids(image_dir, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two images\n{image_dir / 'img_1.png'}\n\n{image_dir / 'img_0.png'}\n")
+    assert [p.name for p in list_images(listing)] == ["img_1.png", "img_0.png"]
+    with pytest.raises(ValueError, match="img_0"):
+        list_images([image_dir / "img_0.png", tmp_path / "img_0.jpg"])
+
+
+def test_image_folder_feature_source_extracts_once_and_caches(detector_dir, image_dir, tmp_path):
+    cache = tmp_path / "cache.tsv"
+    source = ImageFolderFeatureSource(image_dir, detector_dir, selection=ADAPTIVE_10_100, cache_path=cache)
+    assert isinstance(source, FeatureSource)
+    assert "img_3" in source and "nothing" not in source and "broken" in source
+    assert sorted(source.img_ids) == sorted([*NAMES, "broken"])
+    source.prefetch(["img_0", "img_2", "img_0"], batch_size=2)
+    assert read_img_ids(cache) == ["img_0", "img_2"]
+    row = source.get("img_2")
+    assert 10 <= row.num_boxes <= 100 and row.img_id == "img_2"
+    on_demand = source.get("img_5")  # extracted now, appended to the cache
+    assert read_img_ids(cache) == ["img_0", "img_2", "img_5"]
+    assert "cache" in source.describe() and "10-100" in source.describe()
+    with pytest.raises(MissingImageError):
+        source.get("nothing")
+    with pytest.raises(ExtractionFailedError, match="broken.jpg"):
+        source.prefetch(["broken"])
+
+    # A new source on the same cache reads instead of extracting.
+    reopened = ImageFolderFeatureSource(image_dir, source.detector, selection=ADAPTIVE_10_100, cache_path=cache)
+    reopened.detector.extract = None  # any extraction would fail now
+    np.testing.assert_array_equal(reopened.get("img_5").features, on_demand.features)
+    reopened.prefetch(["img_0", "img_2", "img_5"])
+    with pytest.raises(ValueError, match="written with"):
+        ImageFolderFeatureSource(image_dir, source.detector, selection=OBJ36, cache_path=cache)
+
+
+def test_image_folder_feature_source_in_memory_with_given_boxes(detector_dir, image_dir):
+    given = {"img_1": np.array([[0, 0, 40, 30]], dtype=np.float32)}
+    source = ImageFolderFeatureSource(
+        [image_dir / "img_1.png", image_dir / "img_2.png"], detector_dir, given_boxes=given
+    )
+    assert source.img_ids == ["img_1"] and "img_2" not in source
+    source.prefetch(source.img_ids)
+    row = source.get("img_1")
+    np.testing.assert_array_equal(row.boxes, given["img_1"])
+    assert source.get("img_1") is row  # kept in memory, not re-extracted
