@@ -121,7 +121,7 @@ class MatchingModule(pl.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, self.schedule_steps())
         warmup = max(1, int(self.hparams.warmup_ratio * total))
 
         def warmup_linear(step: int) -> float:  # BertAdam's schedule: linear warm-up, then linear decay to 0
@@ -131,6 +131,15 @@ class MatchingModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_steps(self) -> int:
+        """Optimizer steps the LR schedule spans: all of `max_epochs` (so `max_steps`, which only stops a run early,
+        does not change the schedule: a run stopped at step N and resumed follows the uninterrupted one)."""
+        trainer = self.trainer
+        batches = getattr(trainer.datamodule, "batches_per_epoch", None) if trainer.datamodule is not None else None
+        if batches is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return int(trainer.estimated_stepping_batches)
+        return -(-batches() * trainer.max_epochs // trainer.accumulate_grad_batches)
 
     def apply_finetune_mode(self) -> None:
         """`all`: everything trains; `head`: the matching head and pooler; `top-k`: plus the last k cross layers."""

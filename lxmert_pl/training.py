@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
+from lxmert_pl.checkpointing import ResumeCheckpoint
 from lxmert_pl.config import REPO_ROOT
 from lxmert_pl.data.training import TrainingDataModule
 from lxmert_pl.evaluate import describe_weights, say
@@ -49,6 +50,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     resolved = resolve_checkpoint(str(start))
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=("matching",))
     say(f"{'Resuming' if cfg.resume else 'Starting'} from: {describe_weights(resolved)}\n  {report.summary()}")
+    model.keep_heads(("matching",))  # the other pretraining heads take no part in fine-tuning
 
     datamodule = TrainingDataModule(
         feature_source=open_feature_source(features), train_pairs=train_file, val_pairs=val_file,
@@ -60,8 +62,9 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         weight_decay=cfg.optim.weight_decay, warmup_ratio=cfg.optim.warmup_ratio, finetune=cfg.model.finetune,
         top_k_cross=cfg.model.top_k_cross, seed=cfg.seed, model=model,
     )
-    callbacks: list = [PairsPerSecondBar(), LearningRateMonitor(logging_interval="step")]
     checkpoint_dir = out_dir / "checkpoints"
+    last = ResumeCheckpoint(checkpoint_dir / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
+    callbacks: list = [PairsPerSecondBar(), LearningRateMonitor(logging_interval="step"), last]
     if val_file:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val/roc_auc", mode="max",
                                          save_top_k=1, save_last=False, enable_version_counter=False))
@@ -72,7 +75,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     devices = cfg.trainer.devices
     trainer = pl.Trainer(
         accelerator=cfg.trainer.accelerator, devices=devices,
-        strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+        # The last cross layer's vision FFN feeds no loss: DDP must be told some parameters get no gradient.
+        strategy="ddp_find_unused_parameters_true" if isinstance(devices, int) and devices > 1 else "auto",
         precision=cfg.trainer.precision, max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
         gradient_clip_val=cfg.optim.grad_clip, accumulate_grad_batches=cfg.optim.accumulate,
         log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers, callbacks=callbacks,
@@ -80,8 +84,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(out_dir),
     )
     OmegaConf.save(cfg, out_dir / "config.yaml")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resolved.path) if cfg.resume else None)
-    trainer.save_checkpoint(checkpoint_dir / "last.ckpt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resolved.path) if cfg.resume else None,
+                weights_only=True)
     metrics = (module.results or {}).get("metrics") or {}
     if metrics:
         say(f"Last validation ({int(metrics['num_pairs'])} pairs):\n{metrics_table(metrics)}")

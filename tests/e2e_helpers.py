@@ -98,3 +98,48 @@ def read_wandb_summary(run_dir: Path) -> dict:
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return summary
+
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
+SHAPES = ["circle", "square", "triangle", "star"]
+
+
+def write_shape_task(tmp: Path, num_images: int, seed: int = 0, dim: int = 2048, prefix: str = "img",
+                     max_objects: int = 1) -> dict:
+    """A matching task that is learnable from features and boxes: each box's feature encodes its object's colour
+    and shape (plus noise); a caption names one object of the image ("a red circle") or, for a negative, a
+    colour and a shape the image does not hold. Returns paths of the TSV and the labelled pair file."""
+    import numpy as np
+
+    from lxmert_pl.features.tsv import TsvWriter
+    from lxmert_pl.features.types import ImageFeatures
+
+    code = np.random.default_rng(1234).standard_normal((len(COLOURS) + len(SHAPES), dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)  # the colour/shape code above is shared by every split
+    pairs, records = [], []
+    for i in range(num_images):
+        n = int(rng.integers(1, max_objects + 1))
+        objects = [(int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))) for _ in range(n)]
+        feats = np.stack([code[c] + code[len(COLOURS) + s] + 0.3 * rng.standard_normal(dim) for c, s in objects])
+        xy = rng.uniform(0, 60, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 40, (n, 2))], 1).astype(np.float32)
+        img_id = f"{prefix}{i:05d}"
+        records.append(ImageFeatures(img_id, 100, 100, np.zeros(n, np.int64), np.ones(n, np.float32),
+                                     np.zeros(n, np.int64), np.ones(n, np.float32), boxes,
+                                     np.maximum(feats, 0).astype(np.float32)))
+        c, s = objects[int(rng.integers(n))]
+        pairs.append({"img_id": img_id, "sent": f"a {COLOURS[c]} {SHAPES[s]}", "ground": "True"})
+        while True:
+            c, s = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
+            if all(c != oc and s != os_ for oc, os_ in objects):  # neither the colour nor the shape is there
+                break
+        pairs.append({"img_id": img_id, "sent": f"a {COLOURS[c]} {SHAPES[s]}", "ground": "False"})
+    for k, row in enumerate(pairs):
+        row["question_id"] = k
+    tsv = tmp / f"{prefix}_obj.tsv"
+    with TsvWriter(tsv, append=False) as writer:
+        for record in records:
+            writer.write(record)
+    pair_file = tmp / f"{prefix}_pairs.json"
+    pair_file.write_text(json.dumps(pairs))
+    return {"tsv": tsv, "pairs": pair_file}

@@ -51,4 +51,5 @@ class ResumableShuffleSampler(Sampler[int]):
         return iter(order)
 
     def __len__(self) -> int:
-        return self.per_replica - self.skip
+        # The full share, even while skipping: Lightning counts a resumed epoch's batches from where it stopped.
+        return self.per_replica

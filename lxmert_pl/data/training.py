@@ -1,5 +1,8 @@
 """Training data: labelled pairs as they are, or captions with negatives made on the fly, in a resumable order.
 
+The order of each epoch depends only on (seed, epoch), and a run restored from a mid-epoch checkpoint skips the
+batches its global step says were already trained, so it continues exactly where the checkpoint was taken.
+
 A caption file (every pair a positive) becomes LXMERT's pretraining task: each epoch, with probability
 `negative_ratio`, a pair's caption is replaced by a caption of another image (never one that is also a caption of
 this image) and its label becomes 0 ("not matched"; 1 = matched). The choice is a function of (seed, epoch, pair),
@@ -78,7 +81,6 @@ class TrainingDataModule(MatchingDataModule):
     def __init__(self, *args, negative_ratio: float = 0.5, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.negative_ratio, self.seed = negative_ratio, seed
-        self._resume_skip: tuple[int, int] | None = None  # (epoch, batches already trained in it)
         self.train_sampler: ResumableShuffleSampler | None = None
 
     def make_dataset(self, split: str, pairs: list[Pair]) -> Dataset:
@@ -90,11 +92,10 @@ class TrainingDataModule(MatchingDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
         sampler = ResumableShuffleSampler(len(dataset), seed=self.seed)
-        if self._resume_skip is not None:
-            epoch, batches = self._resume_skip
-            sampler.set_epoch(epoch)
-            sampler.skip_first(batches * self.batch_size)
-            self._resume_skip = None
+        skip = self.batches_already_trained()
+        if skip:  # resumed mid-epoch: continue the epoch where the checkpoint left it
+            sampler.set_epoch(self.trainer.current_epoch)
+            sampler.skip_first(skip * self.batch_size)
         if isinstance(dataset, CaptionNegativesDataset):
             set_sampler_epoch = sampler.set_epoch
 
@@ -107,14 +108,20 @@ class TrainingDataModule(MatchingDataModule):
         self.train_sampler = sampler
         return self._loader(dataset, shuffle=False, sampler=sampler, persistent=False)
 
-    def state_dict(self) -> dict:
-        """Saved in Lightning checkpoints: where in the epoch training stopped."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.completed}
+    def val_dataloader(self):
+        """No validation pairs: no validation (Lightning takes an empty list as "skip")."""
+        return super().val_dataloader() if self.pair_args["val"] is not None else []
 
-    def load_state_dict(self, state: dict) -> None:
-        if state and state.get("batches_done"):
-            self._resume_skip = (int(state["epoch"]), int(state["batches_done"]))
+    def batches_already_trained(self) -> int:
+        """Batches of the current epoch that a restored run has already trained on (0 for a fresh run)."""
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return 0
+        consumed = trainer.global_step * trainer.accumulate_grad_batches
+        return max(0, consumed - trainer.current_epoch * self.batches_per_epoch())
+
+    def batches_per_epoch(self) -> int:
+        """Training batches per epoch and process (the sampler rounds the split over processes up)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = -(-len(self._dataset("train")) // world)
+        return -(-per_process // self.batch_size)

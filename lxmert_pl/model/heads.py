@@ -138,6 +138,18 @@ class LxmertMatchingModel(nn.Module):
     def has_matching_head(self) -> bool:
         return self.cls.seq_relationship is not None
 
+    def keep_heads(self, keep: tuple[str, ...]) -> "LxmertMatchingModel":
+        """Drop the other heads (e.g. for fine-tuning the matching head: no unused parameters under DDP)."""
+        if "matching" not in keep:
+            self.cls.seq_relationship = None
+        if "lm" not in keep:
+            self.cls.predictions = None
+        if "obj" not in keep:
+            self.obj_predict_head = None
+        if "qa" not in keep:
+            self.answer_head = None
+        return self
+
     def init_weights(self, std: float = 0.02) -> None:
         """The original `init_bert_weights`: N(0, std) for Linear/Embedding, LayerNorm 1/0, biases 0."""
         for module in self.modules():

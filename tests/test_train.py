@@ -1,0 +1,97 @@
+"""train.py: exact resume, DDP on 2 CPU processes, checkpoints usable by eval.py, caption negatives, freezing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from e2e_helpers import run_script, write_shape_task
+
+from lxmert_pl.data.dataset import MatchingDataset
+from lxmert_pl.data.training import CaptionNegativesDataset, normalise_caption
+from lxmert_pl.lit_module import MatchingModule
+from lxmert_pl.model import LxmertMatchingModel, get_preset
+from lxmert_pl.pairs.io import Pair
+from lxmert_pl.tokenizer import LxmertTokenizer
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = write_shape_task(tmp, 40, seed=0, prefix="small", dim=64)
+    torch.manual_seed(0)
+    model = LxmertMatchingModel(get_preset("tiny").replace(visual_feat_dim=64))
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp / "init.pth")
+    (tmp / "init.pth.config.json").write_text(json.dumps(model.config.to_dict()))
+    return {**data, "ckpt": tmp / "init.pth", "tmp": tmp}
+
+
+def _train(task, out, *extra):
+    proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", task["tsv"],
+                      "--batch-size", "8", "--max-epochs", "3", "--out", out, "trainer.log_every_n_steps=1",
+                      "trainer.accelerator=cpu", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out):
+    with open(out / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_resume_mid_epoch_continues_exactly(task, tmp_path):
+    # 80 pairs / 8 = 10 batches per epoch: stop at step 7 (mid-epoch), resume to 13, compare with one run to 13.
+    _train(task, tmp_path / "a", "trainer.max_steps=7")
+    _train(task, tmp_path / "b", "trainer.max_steps=13", "--resume", tmp_path / "a" / "checkpoints" / "last.ckpt")
+    _train(task, tmp_path / "c", "trainer.max_steps=13")
+    resumed, whole = _losses(tmp_path / "b"), _losses(tmp_path / "c")
+    assert sorted(resumed) == list(range(7, 13))
+    for step in range(7, 13):
+        assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
+    assert _losses(tmp_path / "a") == {s: whole[s] for s in range(7)}
+
+
+@pytest.mark.slow
+def test_two_process_training_and_its_checkpoint_evaluates(task, tmp_path):
+    _train(task, tmp_path / "ddp", "--devices", "2", "--val", task["pairs"], "trainer.max_epochs=1")
+    best = tmp_path / "ddp" / "checkpoints" / "best.ckpt"
+    assert best.exists() and (tmp_path / "ddp" / "checkpoints" / "last.ckpt").exists()
+    proc = run_script("eval.py", "--ckpt", best, "--pairs", task["pairs"], "--features", task["tsv"],
+                      "--out", tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[lightning]" in proc.stdout
+    assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())) == 80
+
+
+def test_caption_negatives(task):
+    from lxmert_pl.features.sources import open_feature_source
+
+    source = open_feature_source([str(task["tsv"])])
+    img_ids = source.img_ids[:10]
+    captions = [Pair(i, i, img_ids[i % 10], ["a red circle", "a blue star", "the cat"][i % 3], 1, {})
+                for i in range(30)]
+    base = MatchingDataset(captions, source, LxmertTokenizer())
+    data = CaptionNegativesDataset(base, negative_ratio=0.5, seed=3)
+    items = [data[i] for i in range(len(data))]
+    negatives = [it for it in items if it["label"] == 0]
+    assert 5 <= len(negatives) <= 25
+    own = {img: {normalise_caption(p.sent) for p in captions if p.img_id == img} for img in img_ids}
+    assert all(normalise_caption(it["sent"]) not in own[it["img_id"]] for it in negatives)
+    assert [it["sent"] for it in items] == [data[i]["sent"] for i in range(len(data))]  # deterministic
+    data.set_epoch(1)
+    assert [data[i]["label"] for i in range(30)] != [it["label"] for it in items]  # a new draw each epoch
+
+
+def test_finetune_modes_freeze_the_encoder():
+    model = LxmertMatchingModel(get_preset("tiny"))
+    module = MatchingModule(model.config.to_dict(), heads=model.heads, finetune="head", model=model)
+    module.apply_finetune_mode()
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {"cls.seq_relationship.weight", "cls.seq_relationship.bias", "bert.pooler.dense.weight",
+                         "bert.pooler.dense.bias"}
+    module.hparams.finetune, module.hparams.top_k_cross = "top-k", 1
+    module.apply_finetune_mode()
+    assert any(n.startswith("bert.encoder.x_layers.0.") for n, p in module.model.named_parameters() if p.requires_grad)
+    assert not any(n.startswith("bert.encoder.layer.") for n, p in module.model.named_parameters() if p.requires_grad)
