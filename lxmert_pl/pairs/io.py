@@ -1,0 +1,205 @@
+"""Load sentence-image pair files as `Pair` records.
+
+Formats, recognised by content (first non-blank character) and extension:
+
+* JSON list of pairs, the research fork's `matching_val.json`/`matching_test.json`:
+  `{"question_id", "img_id", "sent", "ground": "True"|"False", "label": {answer: score}, ...}`. The matching label
+  comes from `ground`; the VQA `label` dict and every other field are kept in `Pair.extra`.
+* JSON Lines (`.jsonl`/`.ndjson`, or any file whose first character is `{`): one such object per line.
+* CSV with a header row (`.csv`, or any other content): columns `img_id`, `sent`, optional `label`,
+  `question_id`; other columns go to `Pair.extra`.
+* LXMERT caption files (`mscoco_minival.json` style): a JSON list of `{"img_id", "sentf": {source: [sentences]}}`;
+  every sentence of `caption_source` (default "mscoco") becomes a positive pair (label 1).
+
+A label is 1 (matched) or 0 (not matched): 1/0, true/false, "1"/"0", "true"/"false" in any case; a missing or
+empty label is None (unknown). `question_id` is taken from the file, else it is the pair's index.
+
+Errors (`PairFileError`) name the file and the line or pair index: non-UTF-8 bytes, invalid JSON, a missing
+`img_id`/`sent`, an empty or whitespace-only sentence, a label that is not one of the above.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_JSON_LINES_SUFFIXES = {".jsonl", ".ndjson"}
+_TRUE_LABELS = {"1", "true"}
+_FALSE_LABELS = {"0", "false"}
+
+
+class PairFileError(ValueError):
+    """A pair file is malformed; the message names the file and the line or pair index."""
+
+
+@dataclass
+class Pair:
+    """One sentence-image pair."""
+
+    index: int  # position in the file's pair list (0-based)
+    question_id: int | str  # from the file, else = index
+    img_id: str
+    sent: str
+    label: int | None  # 1 = matched ("True"), 0 = not matched, None = unknown
+    extra: dict = field(default_factory=dict)  # other fields carried over (answer_type, ...)
+
+
+def load_pairs(path: str | Path, *, caption_source: str = "mscoco") -> list[Pair]:
+    """Read a pair file in any of the formats in this module's docstring."""
+    path = Path(path)
+    text = _read_utf8(path)
+    first_char = text.lstrip()[:1]
+    if not first_char:
+        raise PairFileError(f"{path}: the pair file is empty")
+    if first_char == "[":
+        entries = _parse_json_list(path, text)
+        if entries and isinstance(entries[0], dict) and "sentf" in entries[0]:
+            return _caption_pairs(path, entries, caption_source)
+        return [_pair_from_record(path, entry, index, None) for index, entry in enumerate(entries)]
+    if first_char == "{" or path.suffix.lower() in _JSON_LINES_SUFFIXES:
+        return _pairs_from_records(path, _iter_json_lines(path, text))
+    return _pairs_from_records(path, _iter_csv_records(path, text))
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        raise PairFileError(
+            f"{path}:{line_no}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "pair files must be UTF-8"
+        ) from None
+
+
+def _parse_json_list(path: Path, text: str) -> list:
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PairFileError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+    if not isinstance(entries, list):
+        raise PairFileError(f"{path}: expected a JSON list of pairs, found {type(entries).__name__}")
+    return entries
+
+
+def _iter_json_lines(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    for line_no, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PairFileError(
+                f"{path}:{line_no}:{err.colno}: invalid JSON ({err.msg}); JSON Lines need one object per line"
+            ) from None
+
+
+def _iter_csv_records(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    missing = [name for name in ("img_id", "sent") if name not in columns]
+    if missing:
+        raise PairFileError(f"{path}:1: CSV header {columns} lacks column(s) {missing}")
+    for record in reader:
+        if None in record or None in record.values():
+            raise PairFileError(f"{path}:{reader.line_num}: expected {len(columns)} columns ({', '.join(columns)})")
+        yield reader.line_num, record
+
+
+def _pairs_from_records(path: Path, records: Iterable[tuple[int, Any]]) -> list[Pair]:
+    return [_pair_from_record(path, record, index, line_no) for index, (line_no, record) in enumerate(records)]
+
+
+def _pair_from_record(path: Path, record: Any, index: int, line_no: int | None) -> Pair:
+    where = f"{path}:{line_no}: pair #{index}" if line_no is not None else f"{path}: pair #{index}"
+    if not isinstance(record, dict):
+        raise PairFileError(f"{where}: expected an object with img_id and sent, found {type(record).__name__}")
+    for name in ("img_id", "sent"):
+        if name not in record:
+            raise PairFileError(f"{where}: no {name!r} field (fields: {sorted(record)})")
+    label, label_field = _matching_label(record, where)
+    consumed = {"question_id", "img_id", "sent", "ground", label_field}
+    extra = {key: value for key, value in record.items() if key not in consumed}
+    return Pair(
+        index=index,
+        question_id=_question_id(record.get("question_id"), index),
+        img_id=_img_id(record["img_id"], where),
+        sent=_sentence(record["sent"], where),
+        label=label,
+        extra=extra,
+    )
+
+
+def _matching_label(record: dict, where: str) -> tuple[int | None, str | None]:
+    """The matching label and the field it came from: `ground` if present, else a scalar `label`."""
+    if "ground" in record:
+        return _parse_label(record["ground"], "ground", where), "ground"
+    if "label" in record and not isinstance(record["label"], (dict, list)):
+        return _parse_label(record["label"], "label", where), "label"
+    return None, None
+
+
+def _parse_label(value: Any, name: str, where: str) -> int | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_LABELS | _FALSE_LABELS:
+        return 1 if value.strip().lower() in _TRUE_LABELS else 0
+    raise PairFileError(f'{where}: {name} {value!r} is not a matching label (1/0, true/false, "True"/"False")')
+
+
+def _question_id(value: Any, index: int) -> int | str:
+    if value is None or value == "":
+        return index
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _img_id(value: Any, where: str) -> str:
+    img_id = str(value).strip() if value is not None else ""
+    if not img_id:
+        raise PairFileError(f"{where}: empty img_id")
+    return img_id
+
+
+def _sentence(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PairFileError(f"{where}: empty or whitespace-only sentence {value!r}")
+    return value
+
+
+def _caption_pairs(path: Path, entries: list, caption_source: str) -> list[Pair]:
+    """One positive pair per sentence of `caption_source`; images without that source are left out."""
+    pairs: list[Pair] = []
+    sources_seen: set[str] = set()
+    for entry_index, entry in enumerate(entries):
+        where = f"{path}: entry #{entry_index}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sentf"), dict) or "img_id" not in entry:
+            raise PairFileError(f"{where}: expected {{'img_id': ..., 'sentf': {{source: [sentences]}}}}")
+        sources_seen.update(entry["sentf"])
+        for sentence_index, sentence in enumerate(entry["sentf"].get(caption_source, [])):
+            index = len(pairs)
+            pair_where = f"{where}, {caption_source} sentence #{sentence_index} (pair #{index})"
+            pairs.append(
+                Pair(
+                    index=index,
+                    question_id=index,
+                    img_id=_img_id(entry["img_id"], pair_where),
+                    sent=_sentence(sentence, pair_where),
+                    label=1,
+                    extra={"source": caption_source, "sentence_index": sentence_index},
+                )
+            )
+    if entries and not pairs:
+        raise PairFileError(
+            f"{path}: no sentences of source {caption_source!r}; sources in this file: {sorted(sources_seen)}"
+        )
+    return pairs

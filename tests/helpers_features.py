@@ -1,0 +1,71 @@
+"""Synthetic detections and feature TSVs for tests (small, deterministic, written through `TsvWriter`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lxmert_pl.features.tsv import TsvWriter
+from lxmert_pl.features.types import ImageFeatures
+
+ARRAY_FIELDS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf", "boxes", "features")
+
+
+def make_image_features(img_id: str, num_boxes: int, dim: int, rng: np.random.Generator) -> ImageFeatures:
+    """Random but valid detections of one image: boxes inside the image, ids in the detector's class ranges."""
+    img_h, img_w = (int(v) for v in rng.integers(200, 641, size=2))
+    x1 = rng.uniform(0, img_w / 2, num_boxes)
+    y1 = rng.uniform(0, img_h / 2, num_boxes)
+    x2 = rng.uniform(x1 + 1, img_w)
+    y2 = rng.uniform(y1 + 1, img_h)
+    return ImageFeatures(
+        img_id=img_id,
+        img_h=img_h,
+        img_w=img_w,
+        objects_id=rng.integers(0, 1600, num_boxes).astype(np.int64),
+        objects_conf=rng.uniform(0, 1, num_boxes).astype(np.float32),
+        attrs_id=rng.integers(0, 400, num_boxes).astype(np.int64),
+        attrs_conf=rng.uniform(0, 1, num_boxes).astype(np.float32),
+        boxes=np.stack([x1, y1, x2, y2], axis=1).astype(np.float32),
+        features=rng.standard_normal((num_boxes, dim)).astype(np.float32),
+    )
+
+
+def write_synthetic_tsv(
+    path: str | Path,
+    img_ids: Sequence[str],
+    num_boxes: int | Sequence[int] = 36,
+    dim: int = 2048,
+    seed: int = 0,
+) -> list[ImageFeatures]:
+    """Write one row per img_id (a fresh file) and return the records written, in order.
+
+    `num_boxes` is one count for all images or one per image.
+    """
+    counts = [num_boxes] * len(img_ids) if isinstance(num_boxes, int) else list(num_boxes)
+    if len(counts) != len(img_ids):
+        raise ValueError(f"{len(counts)} box counts for {len(img_ids)} img_ids")
+    rng = np.random.default_rng(seed)
+    records = [make_image_features(img_id, count, dim, rng) for img_id, count in zip(img_ids, counts)]
+    with TsvWriter(path, append=False) as writer:
+        for record in records:
+            writer.write(record)
+    return records
+
+
+def assert_same_bits(actual: ImageFeatures | dict, expected: ImageFeatures) -> None:
+    """Same img_id and sizes, and every array with the same dtype, shape and bytes (`actual` may be a dict row)."""
+    get = actual.get if isinstance(actual, dict) else lambda name: getattr(actual, name)
+    assert get("img_id") == expected.img_id
+    assert (get("img_h"), get("img_w")) == (expected.img_h, expected.img_w)
+    for name in ARRAY_FIELDS:
+        value, reference = get(name), getattr(expected, name)
+        assert value.dtype == reference.dtype and value.shape == reference.shape, name
+        assert value.tobytes() == reference.tobytes(), name
+
+
+def tsv_lines(path: Path) -> list[str]:
+    """The lines of a text file, terminators kept."""
+    return path.read_text().splitlines(keepends=True)
