@@ -70,8 +70,8 @@ def test_caption_negatives(task):
 
     source = open_feature_source([str(task["tsv"])])
     img_ids = source.img_ids[:10]
-    captions = [Pair(i, i, img_ids[i % 10], ["a red circle", "a blue star", "the cat"][i % 3], 1, {})
-                for i in range(30)]
+    texts = ["a red circle", "a blue star", "the cat", "two dogs", "a green square", "one bus", "a tree"]
+    captions = [Pair(i, i, img_ids[i % 10], texts[i % 7], 1, {}) for i in range(30)]  # 3 of 7 captions per image
     base = MatchingDataset(captions, source, LxmertTokenizer())
     data = CaptionNegativesDataset(base, negative_ratio=0.5, seed=3)
     items = [data[i] for i in range(len(data))]

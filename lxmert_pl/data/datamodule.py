@@ -20,7 +20,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lxmert_pl.data.dataset import MatchingDataset, collate_matching
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
@@ -144,9 +144,7 @@ class MatchingDataModule(pl.LightningDataModule):
             self.setup(_SPLIT_STAGE[split])
         return self.datasets[split]
 
-    def _loader(
-        self, dataset: Dataset, *, shuffle: bool, sampler: DistributedSampler | None, persistent: bool
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, *, shuffle: bool, sampler: Sampler | None, persistent: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
