@@ -28,6 +28,16 @@ from lxmert_pl.model.lxrt import EncodedImage, EncodedText
 from lxmert_pl.tokenizer import LxmertTokenizer
 
 SCORE_MODES = ("itm", "cosine")
+# Inference precisions: the model's weights are cast to this dtype once; scores always come back in float32.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name ("fp32" | "bf16")."""
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; valid: {sorted(PRECISIONS)}") from None
 
 
 @dataclass
@@ -130,7 +140,12 @@ def pad_boxes(
 
 
 class Scorer:
-    """Scores pairs with a loaded model; batches internally; never needs Lightning."""
+    """Scores pairs with a loaded model; batches internally; never needs Lightning.
+
+    `precision`: "fp32" or "bf16" casts the model IN PLACE, once, here (`model.to(device, dtype)`); None keeps its
+    dtype. Inputs are cast at the model's boundary (`LxrtModel.encode_image`, the embeddings) and probabilities /
+    cosines come back in float32.
+    """
 
     def __init__(
         self,
@@ -139,8 +154,9 @@ class Scorer:
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         report: LoadReport | None = None,
+        precision: str | None = None,
     ):
-        self.model = model.eval().to(device)
+        self.model = model.eval().to(device=device, dtype=None if precision is None else precision_dtype(precision))
         self.tokenizer = tokenizer or LxmertTokenizer()
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -193,4 +209,4 @@ class Scorer:
 
 
 __all__ = ["Scorer", "ScoreResult", "forward_batch", "forward_pairs", "forward_factorized", "pad_boxes",
-           "SCORE_MODES"]
+           "SCORE_MODES", "PRECISIONS", "precision_dtype"]
