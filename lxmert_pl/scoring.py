@@ -133,8 +133,8 @@ def pad_boxes(
     out_b = torch.zeros(len(counts), n, 4)
     mask = torch.zeros(len(counts), n, dtype=torch.long)
     for i, (f, b, c) in enumerate(zip(features, boxes, counts)):
-        out_f[i, :c] = torch.as_tensor(np.asarray(f), dtype=torch.float32)
-        out_b[i, :c] = torch.as_tensor(np.asarray(b), dtype=torch.float32)
+        out_f[i, :c] = torch.tensor(np.asarray(f), dtype=torch.float32)
+        out_b[i, :c] = torch.tensor(np.asarray(b), dtype=torch.float32)
         mask[i, :c] = 1
     return out_f, out_b, mask
 
