@@ -51,6 +51,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=("matching",))
     say(f"{'Resuming' if cfg.resume else 'Starting'} from: {describe_weights(resolved)}\n  {report.summary()}")
     model.keep_heads(("matching",))  # the other pretraining heads take no part in fine-tuning
+    model.train()  # the loader returns eval mode; Lightning keeps submodule modes as it finds them (dropout!)
 
     datamodule = TrainingDataModule(
         feature_source=open_feature_source(features), train_pairs=train_file, val_pairs=val_file,

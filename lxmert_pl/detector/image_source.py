@@ -8,6 +8,7 @@ DataLoader only reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -141,16 +142,25 @@ class ImageFolderFeatureSource:
         return self._reader
 
     def _check_cache_settings(self) -> None:
-        """The cache must have been written with the same selection / given-boxes mode (recorded beside it)."""
+        """The cache must come from the same detector weights and selection / given-boxes mode (recorded beside it);
+        a cache made otherwise is stale: it is discarded (with a message) and extraction starts afresh."""
         meta_path = self.cache_path.with_name(self.cache_path.name + ".meta.json")
-        settings = {"selection": self.selection.describe() if self.given_boxes is None else "given boxes"}
+        settings = {"selection": self.selection.describe() if self.given_boxes is None else "given boxes",
+                    "detector": _weights_fingerprint(self.detector)}
         if meta_path.exists():
             recorded = json.loads(meta_path.read_text(encoding="utf-8"))
-            if recorded != settings:
-                raise ValueError(
-                    f"feature cache {self.cache_path} was written with {recorded}, this source uses {settings}; "
-                    "use another cache path"
-                )
-        else:
-            meta_path.parent.mkdir(parents=True, exist_ok=True)
-            meta_path.write_text(json.dumps(settings), encoding="utf-8")
+            if recorded == settings:
+                return
+            print(f"feature cache {self.cache_path} was made with other detector weights or settings: discarded")
+            self.cache_path.unlink(missing_ok=True)
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(settings), encoding="utf-8")
+
+
+def _weights_fingerprint(detector: BottomUpFasterRCNN) -> str:
+    """sha1 of every parameter and buffer: identifies the weights that made a cache."""
+    digest = hashlib.sha1()
+    for name, tensor in detector.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

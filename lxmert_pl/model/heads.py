@@ -21,7 +21,7 @@ from torch import nn
 
 from lxmert_pl import MATCHED_INDEX
 from lxmert_pl.model.config import LxrtConfig
-from lxmert_pl.model.lxrt import EncodedImage, EncodedText, LxrtModel, LxrtOutput
+from lxmert_pl.model.lxrt import EncodedImage, EncodedText, LayerNorm, LxrtModel, LxrtOutput
 
 HEAD_NAMES = ("matching", "lm", "obj", "qa")
 
@@ -32,7 +32,7 @@ class HeadTransform(nn.Module):
     def __init__(self, config: LxrtConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(F.gelu(self.dense(x)))
@@ -85,7 +85,7 @@ class AnswerHead(nn.Module):
         super().__init__()
         h = config.hidden_size
         self.logit_fc = nn.Sequential(
-            nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+            nn.Linear(h, 2 * h), nn.GELU(), LayerNorm(2 * h, eps=config.layer_norm_eps),
             nn.Linear(2 * h, config.num_qa_labels),
         )
 

@@ -28,6 +28,22 @@ from lxmert_pl.model.config import LxrtConfig
 MASK_BIAS = -10000.0
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` that stays and computes in fp32 when the model is cast to bf16/fp16.
+
+    Rounding the LayerNorm gains to bf16 is the largest single source of bf16-vs-fp32 disagreement; these few
+    parameters cost nothing to keep in fp32. In an fp32 model this is exactly `nn.LayerNorm`."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight.dtype in (torch.bfloat16, torch.float16):
+            super()._apply(lambda t: t.float(), recurse)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 def attention_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """[B, L] mask with 1 = attend -> additive bias [B, 1, 1, L] (0 or -10000), or None for "attend to all"."""
     if mask is None:
@@ -67,7 +83,7 @@ class AddAndNorm(nn.Module):
     def __init__(self, config: LxrtConfig, in_dim: int | None = None):
         super().__init__()
         self.dense = nn.Linear(in_dim or config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -161,7 +177,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,9 +195,9 @@ class VisualFeatEncoder(nn.Module):
     def __init__(self, config: LxrtConfig):
         super().__init__()
         self.visn_fc = nn.Linear(config.visual_feat_dim, config.hidden_size)
-        self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.visn_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.box_fc = nn.Linear(config.visual_pos_dim, config.hidden_size)
-        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.box_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Reproduce the bundled demo end to end: demo detector, features, tiny LXRT trained by train.py, demo evaluation.
+
+    python scripts/make_demo.py                      # every stage, from data/sample/ (make_sample_data.py's output)
+    python scripts/make_demo.py --stages lxrt,train,convert,eval    # some stages only (each reads the last's files)
+
+Stages (each prints its run time):
+  detector  a tiny detector (`save_tiny_detector`, pooled width --dim) whose backbone (stem..res4) and res5 get a
+            short supervised pre-training on the TRAIN split's ground-truth crops: colour, shape and size
+            classification from scenes.json with linear heads that are used only here and then dropped. The detector
+            is NOT trained to detect (its RPN stays random): the demo pools features at the ground-truth boxes.
+            Written in the HF port's format to checkpoints/demo/frcnn/ (config.yaml + model.safetensors).
+  probe     linear probe (logistic regression on the train crops' pooled features, scored on the val crops) of the
+            detector's features: colour / shape / colour+shape accuracy.
+  features  `extract.py --given-boxes data/sample/boxes.json` for train/val/test -> data/sample/features/<split>_obj.tsv
+  lxrt      the initial tiny LXRT (random weights, matching head) as an original-format snapshot + .config.json
+  train     `train.py --ckpt <initial> --train captions_train.json --val val_pairs.json ...` (negatives on the fly)
+  convert   the best checkpoint of train.py -> weights-only Lightning-format checkpoints/demo/lxrt_demo.ckpt
+  eval      `python eval.py` (defaults: one-step on the bundled val pairs) and its accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+DEMO = REPO / "checkpoints" / "demo"
+FEATURES = SAMPLE / "features"
+WORK = REPO / "outputs" / "make_demo"  # intermediate files (not bundled)
+SPLITS = ("train", "val", "test")
+STAGES = ("detector", "probe", "features", "lxrt", "train", "convert", "eval")
+
+COLORS = ("red", "green", "blue", "yellow", "purple", "white", "orange")
+SHAPES = ("circle", "square", "triangle", "diamond", "star")
+SIZES = ("small", "large")
+
+# The demo detector: the tiny ResNet-50 C4 of lxmert_pl.detector.tiny, pooled width --dim (= 8 * res2 channels), with
+# few classes/attributes (its class scores mean nothing here: they only fill the TSV's object columns) and a strided
+# res5 (7x7 instead of the VG model's dilated 14x14: 4x less compute, for a demo that builds in minutes on a CPU).
+DETECTOR_OVERRIDES = {"num_classes": 16, "num_attrs": 8, "res5_halve": True, "min_size_test": 480, "max_size_test": 800}
+
+# The tiny LXRT. x_layers >= 2: with one cross layer the vision stream's cross-attention cannot reach the pooled
+# [CLS] (the pooler reads the language stream after the last cross layer).
+LXRT_CONFIG = {"hidden_size": 48, "num_attention_heads": 4, "intermediate_size": 96, "l_layers": 1, "x_layers": 2,
+               "r_layers": 1, "num_qa_labels": 2, "num_object_labels": 16, "num_attr_labels": 8}
+TRAIN_OVERRIDES = ["optim.lr=2e-3", "optim.warmup_ratio=0.05", "optim.weight_decay=0.01", "data.batch_size=32",
+                   "data.negative_ratio=0.5", "logger.csv=true", "logger.wandb.mode=disabled", "seed=0"]
+
+
+def log(msg: str) -> None:
+    print(f"[make_demo] {msg}", flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    log("$ " + " ".join(str(c) for c in cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, check=True)
+
+
+# ----------------------------------------------------------------------------------------------- detector
+
+
+def crop_labels(split: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Image ids, their ground-truth boxes (R, 4) and labels (R, 3: colour, shape, size) of one split."""
+    scenes = json.loads((SAMPLE / "scenes.json").read_text())
+    ids, boxes, labels = [], [], []
+    for img_id, scene in scenes.items():
+        if scene["split"] != split or not scene["objects"]:
+            continue
+        ids.append(img_id)
+        boxes.append(np.array([o["box"] for o in scene["objects"]], np.float32))
+        labels.append(np.array([[COLORS.index(o["color"]), SHAPES.index(o["shape"]), SIZES.index(o["size"])]
+                                for o in scene["objects"]], np.int64))
+    return ids, boxes, labels
+
+
+def pooled_features(model, blob: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """The detector's pooled RoI features (the TSV's features) of given boxes (network pixels), with gradients."""
+    features = model.backbone(blob.unsqueeze(0))
+    crops = model.roi_head.pool(features, boxes)
+    return model.roi_head.res5(crops).mean(dim=[2, 3])
+
+
+def stage_detector(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    from lxmert_pl.detector import FrcnnConfig, load_detector, read_image, save_tiny_detector
+    from lxmert_pl.detector.loading import CONFIG_NAME, export_port_state_dict
+
+    if args.dim % 8:
+        raise SystemExit("--dim must be a multiple of 8 (pooled width = 8 x res2 channels)")
+    out = DEMO / "frcnn"
+    if not args.det_resume:
+        save_tiny_detector(out, seed=0, res2_out_channels=args.dim // 8, **DETECTOR_OVERRIDES)
+    cfg = FrcnnConfig.from_yaml(out / CONFIG_NAME)
+    model, _ = load_detector(out)
+    ids, boxes, labels = crop_labels("train")
+    # Preprocess once (the network input of every train image and its boxes in network pixels).
+    inputs = []
+    for img_id, b in zip(ids, boxes):
+        item = model.transform(read_image(SAMPLE / "images" / "train" / f"{img_id}.png"))
+        inputs.append((item.tensor, torch.from_numpy(b) * item.scale))
+    targets = [torch.from_numpy(lab) for lab in labels]
+    heads = torch.nn.ModuleList([torch.nn.Linear(cfg.pooled_dim, n) for n in (len(COLORS), len(SHAPES), len(SIZES))])
+    trained = list(model.backbone.parameters()) + list(model.roi_head.res5.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": trained, "lr": args.det_lr}, {"params": heads.parameters(), "lr": 1e-2}])
+    generator = torch.Generator().manual_seed(0)
+    steps_per_epoch = (len(inputs) + args.det_batch - 1) // args.det_batch
+    total = args.det_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[args.det_lr, 1e-2], total_steps=max(total, 1),
+                                                    pct_start=0.1)
+    model.train()
+    step = 0
+    for epoch in range(0 if args.det_resume else args.det_epochs):
+        order = torch.randperm(len(inputs), generator=generator).tolist()
+        correct, count, loss_sum = np.zeros(3), 0, 0.0
+        for start in range(0, len(order), args.det_batch):
+            batch = order[start : start + args.det_batch]
+            pooled = torch.cat([pooled_features(model, *inputs[i]) for i in batch])
+            target = torch.cat([targets[i] for i in batch])
+            # The heads see a normalised feature (as LXRT's visual LayerNorm will); the feature itself stays raw.
+            normed = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+            logits = [head(normed) for head in heads]
+            loss = sum(torch.nn.functional.cross_entropy(lg, target[:, k]) for k, lg in enumerate(logits))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.item() * len(target)
+            count += len(target)
+            correct += [(lg.argmax(-1) == target[:, k]).sum().item() for k, lg in enumerate(logits)]
+        log(f"detector pre-training epoch {epoch + 1}/{args.det_epochs}: loss {loss_sum / count:.3f}, train acc "
+            f"colour {correct[0] / count:.3f} shape {correct[1] / count:.3f} size {correct[2] / count:.3f}")
+    model.eval()
+    if args.res5_epochs:
+        train_res5(model, heads, inputs, targets, args)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    state = export_port_state_dict(model, cfg)
+    for old in out.glob("*"):
+        if old.name != CONFIG_NAME:
+            old.unlink()
+    save_file(state, str(out / "model.safetensors"))
+    log(f"demo detector written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.2f} MB)")
+
+
+def train_res5(model, heads, inputs, targets, args) -> None:
+    """Second phase: res5 (+ the heads) alone on the res4 crops of the now fixed backbone, computed once (the
+    backward pass through the whole backbone is what makes the first phase slow on a CPU)."""
+    with torch.no_grad():
+        crops = torch.cat([model.roi_head.pool(model.backbone(blob.unsqueeze(0)), boxes) for blob, boxes in inputs])
+    target = torch.cat(targets)
+    res5 = model.roi_head.res5
+    for p in res5.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": res5.parameters(), "lr": args.res5_lr},
+                                  {"params": heads.parameters(), "lr": 3e-3}])
+    generator = torch.Generator().manual_seed(1)
+    batch = 64
+    total = args.res5_epochs * ((len(crops) + batch - 1) // batch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[args.res5_lr, 3e-3], total_steps=max(total, 1),
+                                                    pct_start=0.1)
+    res5.train()
+    for epoch in range(args.res5_epochs):
+        order = torch.randperm(len(crops), generator=generator)
+        correct, loss_sum = np.zeros(3), 0.0
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            pooled = res5(crops[idx]).mean(dim=[2, 3])
+            normed = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+            logits = [head(normed) for head in heads]
+            loss = sum(torch.nn.functional.cross_entropy(lg, target[idx, k]) for k, lg in enumerate(logits))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += [(lg.argmax(-1) == target[idx, k]).sum().item() for k, lg in enumerate(logits)]
+        n = len(crops)
+        log(f"res5 training epoch {epoch + 1}/{args.res5_epochs}: loss {loss_sum / n:.3f}, train acc colour "
+            f"{correct[0] / n:.3f} shape {correct[1] / n:.3f} size {correct[2] / n:.3f}")
+    res5.eval()
+
+
+def crop_features(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of a split's ground-truth crops, through the saved detector (as the extractor computes them)."""
+    from lxmert_pl.detector import load_detector
+
+    model, _ = load_detector(DEMO / "frcnn")
+    ids, boxes, labels = crop_labels(split)
+    feats = []
+    for start in range(0, len(ids), 8):
+        paths = [str(SAMPLE / "images" / split / f"{i}.png") for i in ids[start : start + 8]]
+        feats += [r.features for r in model.extract(paths, given_boxes=boxes[start : start + 8])]
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def stage_probe(args: argparse.Namespace) -> dict:
+    xtr, ytr = crop_features("train")
+    xva, yva = crop_features("val")
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = torch.from_numpy((xtr - mean) / std), torch.from_numpy((xva - mean) / std)
+    result = {}
+    combo_tr = torch.from_numpy(ytr[:, 0] * len(SHAPES) + ytr[:, 1])
+    combo_va = torch.from_numpy(yva[:, 0] * len(SHAPES) + yva[:, 1])
+    tasks = {"colour": (torch.from_numpy(ytr[:, 0]), torch.from_numpy(yva[:, 0]), len(COLORS)),
+             "shape": (torch.from_numpy(ytr[:, 1]), torch.from_numpy(yva[:, 1]), len(SHAPES)),
+             "size": (torch.from_numpy(ytr[:, 2]), torch.from_numpy(yva[:, 2]), len(SIZES)),
+             "colour+shape": (combo_tr, combo_va, len(COLORS) * len(SHAPES))}
+    for name, (ttr, tva, n) in tasks.items():
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(xtr.shape[1], n)
+        opt = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(probe(xtr), ttr) + 1e-3 * probe.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            result[name] = (probe(xtr).argmax(-1) == ttr).float().mean().item(), \
+                (probe(xva).argmax(-1) == tva).float().mean().item()
+        log(f"linear probe {name:>12}: train {result[name][0]:.3f}  val {result[name][1]:.3f}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- features / LXRT
+
+
+def stage_features(args: argparse.Namespace) -> None:
+    FEATURES.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        out = FEATURES / f"{split}_obj.tsv"
+        for stale in (out, out.with_name(out.name + ".skipped.txt")):
+            stale.unlink(missing_ok=True)
+        run([sys.executable, "extract.py", "--images", SAMPLE / "images" / split, "--out", out,
+             "--detector", DEMO / "frcnn", "--given-boxes", SAMPLE / "boxes.json", "--batch-size", "8"])
+        log(f"{out.relative_to(REPO)}: {out.stat().st_size / 1e6:.2f} MB")
+
+
+def stage_lxrt(args: argparse.Namespace) -> Path:
+    from lxmert_pl.model import LxmertMatchingModel
+    from lxmert_pl.model.config import LxrtConfig
+
+    torch.manual_seed(0)
+    config = LxrtConfig(visual_feat_dim=args.dim, **LXRT_CONFIG)
+    model = LxmertMatchingModel(config, heads=("matching",))
+    # NOTE (lead): width-appropriate init. With BERT's N(0, 0.02) at width 48 the matching loss sits at 0.693 for
+    # thousands of steps; with Linear N(0, 1/fan_in) a tiny LXRT learns matching in a few hundred (measured).
+    model.init_weights("fan_in")
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / "lxrt_init.pth"
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    path.with_name(path.name + ".config.json").write_text(json.dumps(config.to_dict()))
+    log(f"initial tiny LXRT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters -> {path}")
+    return path
+
+
+def stage_train(args: argparse.Namespace) -> None:
+    import shutil
+
+    shutil.rmtree(WORK / "train", ignore_errors=True)  # a fresh run (no best-v1.ckpt next to an old best.ckpt)
+    run([sys.executable, "train.py", "--ckpt", WORK / "lxrt_init.pth", "--train", SAMPLE / "captions_train.json",
+         "--val", SAMPLE / "val_pairs.json", "--features", FEATURES / "train_obj.tsv",
+         "--features", FEATURES / "val_obj.tsv", "--out", WORK / "train", "--max-epochs", str(args.epochs),
+         "trainer.accelerator=cpu", *TRAIN_OVERRIDES, *args.train_override])
+
+
+def best_checkpoint() -> Path:
+    found = sorted((WORK / "train").rglob("*.ckpt"))
+    best = [p for p in found if p.name != "last.ckpt"]
+    if not best:
+        raise SystemExit(f"no best checkpoint under {WORK / 'train'}: {found}")
+    return max(best, key=lambda p: p.stat().st_mtime)
+
+
+def stage_convert(args: argparse.Namespace) -> None:
+    source = best_checkpoint()
+    ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    state = {k: v.float().contiguous() for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    hparams = {"model_config": dict(ckpt["hyper_parameters"]["model_config"])}
+    out = DEMO / "lxrt_demo.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, out)
+    log(f"{source} -> {out.relative_to(REPO)} ({out.stat().st_size / 1e6:.2f} MB, weights only)")
+
+
+def stage_eval(args: argparse.Namespace) -> None:
+    out = REPO / "outputs" / "demo_val"
+    for name in ("image_features.tsv", "image_features.tsv.meta.json"):  # the one-step cache of an older detector
+        (out / name).unlink(missing_ok=True)
+    run([sys.executable, "eval.py"])
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    log(f"demo (python eval.py): accuracy {metrics['accuracy']:.4f}, ROC-AUC {metrics.get('roc_auc', float('nan')):.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--dim", type=int, default=64, help="pooled feature width of the demo detector")
+    parser.add_argument("--det-epochs", type=int, default=0,
+                        help="first phase: epochs of backbone+res5 training (slow on a CPU: ~4 min each)")
+    parser.add_argument("--det-batch", type=int, default=8, help="images per detector pre-training step")
+    parser.add_argument("--det-lr", type=float, default=2e-3)
+    parser.add_argument("--res5-epochs", type=int, default=30, help="then res5 alone on cached res4 crops")
+    parser.add_argument("--res5-lr", type=float, default=1e-3)
+    parser.add_argument("--det-resume", action="store_true",
+                        help="start from the detector already in checkpoints/demo/frcnn (skip the first phase)")
+    parser.add_argument("--epochs", type=int, default=30, help="train.py epochs")
+    parser.add_argument("--train-override", action="append", default=[], help="extra key=value for train.py")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    timings = {}
+    for stage in STAGES:
+        if stage in stages:
+            start = time.perf_counter()
+            globals()[f"stage_{stage}"](args)
+            timings[stage] = time.perf_counter() - start
+            log(f"stage {stage}: {timings[stage]:.1f} s")
+    log("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()):.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The bundled demo: `python eval.py` with no arguments (raw images -> demo detector at the ground-truth boxes ->
+demo LXRT) reaches the demo's accuracy on data/sample's val pairs, and the two-step run on the bundled val TSV
+(`--with-feat`) gives the same predictions. The bundle is made by scripts/make_demo.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CKPT = REPO_ROOT / "checkpoints" / "demo" / "lxrt_demo.ckpt"
+DEMO_DETECTOR = REPO_ROOT / "checkpoints" / "demo" / "frcnn"
+VAL_TSV = REPO_ROOT / "data" / "sample" / "features" / "val_obj.tsv"
+TARGET_ACCURACY = 0.9  # the demo's target on the val pairs (issue 7); not reached yet, see data/sample/README.md
+
+pytestmark = pytest.mark.skipif(
+    not DEMO_CKPT.exists() or not (DEMO_DETECTOR / "config.yaml").exists(),
+    reason="bundled demo weights absent (checkpoints/demo/): make them with scripts/make_demo.py",
+)
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):  # no credentials, no forced mode: as on a fresh machine
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def read_run(out_dir: Path) -> tuple[dict, dict[int, float]]:
+    metrics = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+    rows = json.loads((out_dir / "predictions.json").read_text())
+    return metrics, {row["question_id"]: row["score"] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def one_step() -> tuple[subprocess.CompletedProcess, dict, dict[int, float]]:
+    out_dir = REPO_ROOT / "outputs" / "demo_val"
+    # The default run caches the extracted features in its output folder; start without the cache so that the run
+    # really goes raw images -> detector (a cache from an older demo detector would otherwise be read back).
+    for name in ("image_features.tsv", "image_features.tsv.meta.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    proc = run_eval()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics, scores = read_run(out_dir)
+    return proc, metrics, scores
+
+
+def test_eval_without_arguments_runs_the_demo(one_step):
+    proc, metrics, scores = one_step
+    output = proc.stdout + proc.stderr
+    assert "BUNDLED DEMO weights" in output
+    assert "bundled demo weights" in output.lower()
+    assert "accuracy" in output.lower()
+    assert metrics["num_pairs"] == 200 and len(scores) == 200
+
+
+@pytest.mark.xfail(strict=True, reason="the bundled demo matcher is still at chance on its features (issue 7 open: "
+                   "the demo detector's features do not yet generalise to val, see data/sample/README.md)")
+def test_demo_reaches_its_accuracy_target(one_step):
+    _, metrics, _ = one_step
+    assert metrics["accuracy"] >= TARGET_ACCURACY, metrics
+
+
+@pytest.mark.skipif(not VAL_TSV.exists(), reason="bundled val features absent: scripts/make_demo.py --stages features")
+def test_two_step_matches_one_step(one_step, tmp_path):
+    _, metrics, scores = one_step
+    proc = run_eval("--with-feat", "--out", str(tmp_path / "two_step"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two_metrics, two_scores = read_run(tmp_path / "two_step")
+    assert two_scores.keys() == scores.keys()
+    worst = max(abs(two_scores[q] - scores[q]) for q in scores)
+    assert worst <= 1e-4, f"two-step scores differ from one-step by up to {worst:.2e}"
+    assert two_metrics["accuracy"] == metrics["accuracy"]
