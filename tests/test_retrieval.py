@@ -234,7 +234,11 @@ def test_bf16_scorer_agrees_with_fp32(tokenizer):
         outputs = cross_outputs(fp32_model, encoded, torch.tensor(images), torch.tensor(captions))
         _calibrate_matching_head(fp32_model, torch.cat([out.pooled_output for out in outputs]))
     bf16 = Scorer(copy.deepcopy(fp32_model), batch_size=64, precision="bf16")
-    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())  # cast once, at construction
+    from lxmert_pl.model.lxrt import LayerNorm
+
+    for name, module in bf16.model.named_modules():  # cast once, at construction; LayerNorms stay fp32 by design
+        want = torch.float32 if isinstance(module, LayerNorm) else torch.bfloat16
+        assert all(p.dtype == want for p in module.parameters(recurse=False)), name
     pairs = ([sentences[j] for j in captions], [feats[i] for i in images], [boxes[i] for i in images])
     ref = Scorer(fp32_model, batch_size=64).score(*pairs)
     got = bf16.score(*pairs)

@@ -121,7 +121,8 @@ def test_matching_is_learned_from_scratch(tmp_path):
     val = write_shape_task(tmp_path, 60, seed=1, prefix="val", dim=64, max_objects=1)
     task = {"val_tsv": val["tsv"], "val_pairs": val["pairs"]}
     torch.manual_seed(0)
-    config = get_preset("tiny").replace(visual_feat_dim=64, x_layers=2, num_attention_heads=4)
+    config = get_preset("tiny").replace(visual_feat_dim=64, x_layers=2, num_attention_heads=4,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # tiny, from scratch
     model = LxmertMatchingModel(config, heads=("matching",))
     model.init_weights("fan_in")  # width-appropriate init: see LxmertMatchingModel.init_weights
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "init.pth")
