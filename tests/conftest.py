@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("LXMERT_PL_SHARED", REPO_ROOT.parent / "shared"))
@@ -28,3 +29,13 @@ def lxrt_golden() -> Path:
 @pytest.fixture
 def frcnn_golden() -> Path:
     return golden_path("frcnn")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny detector networks: their ops are too small to gain from a second thread, and on a busy machine each
+    thread hand-off can stall for milliseconds. Restored after the module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -15,14 +15,7 @@ from lxmert_pl.detector.loading import port_key, read_state_dict
 SMALL = {"min_size_test": 96, "max_size_test": 160}  # a small input keeps the tiny detector's calibration fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny networks' ops are too small to gain from a second thread, and on a busy machine each thread
-    hand-off can stall for milliseconds; restored for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

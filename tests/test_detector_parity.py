@@ -20,14 +20,7 @@ NAMES = ("astronaut", "coffee")
 SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny networks' ops are too small to gain from a second thread, and on a busy machine each thread
-    hand-off can stall for milliseconds; restored for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,14 +39,7 @@ extract = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(extract)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny networks' ops are too small to gain from a second thread, and on a busy machine each thread
-    hand-off can stall for milliseconds; restored for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
