@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from lxmert_pl.detector import (
     ADAPTIVE_10_100,
@@ -106,7 +105,7 @@ def test_resume_after_kill_gives_exactly_one_row_per_image(tmp_path, image_dir):
     slow = save_tiny_detector(tmp_path / "slow", seed=0, min_size_test=320, max_size_test=640)  # ~0.2 s per image
     out = tmp_path / "feats.tsv"
     command = [sys.executable, "extract.py", "--images", str(image_dir), "--out", str(out), "--detector", str(slow)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_torch_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see the one_torch_thread fixture (conftest)
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
