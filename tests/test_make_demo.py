@@ -1,0 +1,69 @@
+"""scripts/make_demo.py, the demo's reproduction script, runs every stage but the final eval on a tiny sample (one
+short epoch each), and what it writes is what the bundle holds: a detector directory, obj36 TSVs and a weights-only
+float16 Lightning checkpoint that loads into an fp32 model."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def make_demo(tmp_path, monkeypatch):
+    """The script with its folders (sample, demo weights, features, work) moved under tmp_path."""
+    sample = tmp_path / "sample"
+    assert load_script("make_sample_data").main(["--out", str(sample), "--train", "12", "--val", "4", "--test", "2"]) == 0
+    module = load_script("make_demo")
+    monkeypatch.setattr(module, "SAMPLE", sample)
+    monkeypatch.setattr(module, "DEMO", tmp_path / "demo")
+    monkeypatch.setattr(module, "FEATURES", sample / "features")
+    monkeypatch.setattr(module, "WORK", tmp_path / "work")
+    return module
+
+
+@pytest.mark.slow
+def test_every_stage_but_eval_runs_on_a_tiny_sample(make_demo, tmp_path, capsys, one_torch_thread):
+    from lxmert_pl.features.tsv import read_img_ids
+    from lxmert_pl.model import load_lxmert
+
+    stages = "detector,probe,features,lxrt,train,convert"
+    assert make_demo.main(["--stages", stages, "--det-epochs", "1", "--epochs", "1", "--dim", "32"]) == 0
+    out = capsys.readouterr().out
+    for stage in stages.split(","):
+        assert f"stage {stage}:" in out
+    assert "linear probe colour+shape" in out
+
+    assert {p.name for p in (tmp_path / "demo" / "frcnn").iterdir()} == {"config.yaml", "model.safetensors"}
+    for split, count in (("train", 12), ("val", 4), ("test", 2)):
+        assert len(read_img_ids(tmp_path / "sample" / "features" / f"{split}_obj.tsv")) == count
+
+    ckpt_path = tmp_path / "demo" / "lxrt_demo.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"state_dict", "hyper_parameters"}  # weights only: no optimizer state
+    assert {t.dtype for t in ckpt["state_dict"].values()} == {torch.float16}
+    model, report = load_lxmert(ckpt_path)
+    assert report.format == "lightning" and model.has_matching_head
+    assert model.config.visual_feat_dim == 32 and model.config.hidden_dropout_prob == 0.0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    stored = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in stored.items() if k in loaded)
+
+
+def test_unknown_stage_is_refused(make_demo):
+    with pytest.raises(SystemExit):
+        make_demo.main(["--stages", "detector,trian"])
