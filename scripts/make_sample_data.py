@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the bundled demo's synthetic scenes: 1-3 coloured shapes per image, their boxes, captions and pairs.
 
-Usage: python scripts/make_sample_data.py --out data/sample --seed 0 --train 600 --val 100 --test 100
+Usage: python scripts/make_sample_data.py --out data/sample --seed 0 --train 1600 --val 100 --test 100
 
 Writes into OUT:
   images/<split>/<img_id>.png  RGB PNG, 128-200 px wide and 128-160 px high, on a plain or blotchy dark background
@@ -56,7 +56,7 @@ SIZE_WORD_PROBABILITY = 0.3
 TEMPLATES = ("{}", "there is {}", "a picture of {}", "an image with {}", "this image shows {}")
 SPLITS = ("train", "val", "test")
 QUESTION_ID_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}
-DEFAULT_COUNTS = {"train": 600, "val": 100, "test": 100}
+DEFAULT_COUNTS = {"train": 1600, "val": 100, "test": 100}
 
 Mention = tuple[str | None, str, str]  # (size word or None, colour, shape)
 
