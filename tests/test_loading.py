@@ -39,6 +39,17 @@ def test_pretrain_snapshot_round_trip(tiny_model, tmp_path):
     assert "loaded" in report.summary()
 
 
+def test_summary_names_heads_the_file_lacks(tiny_model, tmp_path):
+    """A matching-only file: the absent optional heads are named as not built, not counted as missing tensors."""
+    matching_only = LxmertMatchingModel(tiny_model.config, heads=("matching",))
+    _, report = load_lxmert(_pretrain_snapshot(matching_only, tmp_path / "model_LXRT.pth"))
+    summary = report.summary()
+    assert "heads: matching;" in summary
+    assert "not in this file (not built): lm head (cls.predictions.*), obj head" in summary
+    _, full = load_lxmert(_pretrain_snapshot(tiny_model, tmp_path / "full_LXRT.pth"))
+    assert "not in this file" not in full.summary()
+
+
 def test_golden_formats_detected(lxrt_golden):
     for name, fmt in [("tiny_LXRT.pth", "lxrt-pretrain"), ("tiny_vqa_BEST.pth", "lxrt-finetuned")]:
         _, report = load_lxmert(lxrt_golden / name, model_config=lxrt_golden / "tiny_config.json")

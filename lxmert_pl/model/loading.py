@@ -64,9 +64,11 @@ class LoadReport:
 
     def summary(self) -> str:
         parts = [
-            f"{self.source} [{self.format}]: loaded {len(self.loaded)} tensors, missing {len(self.missing)}, "
-            f"ignored {len(self.ignored)}; heads: {', '.join(self.heads) or 'none'}; config: {self.config_source}"
+            f"{self.source} [{self.format}]: loaded {len(self.loaded)} tensors, ignored {len(self.ignored)}; "
+            f"heads: {', '.join(self.heads) or 'none'}; config: {self.config_source}"
         ]
+        if self.missing:  # optional heads the file does not hold (a missing model tensor is an error, never listed)
+            parts.append(f"  not in this file (not built): {', '.join(self.missing)}")
         reasons: dict[str, int] = {}
         for _, reason in self.ignored:
             reasons[reason] = reasons.get(reason, 0) + 1
