@@ -8,6 +8,7 @@ Lightning continues the epoch from the recorded batch, and `TrainingDataModule` 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,7 +21,12 @@ class ResumeCheckpoint(Callback):
         self.every_n_steps = every_n_steps
 
     def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        """Full state (optimizer, schedule, loops) to a temporary file, then renamed over `last.ckpt`: a crash while
+        writing leaves the previous `last.ckpt` whole. Only global rank 0 writes; `save_checkpoint` ends in a barrier."""
+        partial = self.path.with_name(self.path.name + ".part")
+        trainer.save_checkpoint(partial, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
