@@ -1,12 +1,13 @@
 """Extract bottom-up-attention features of images into an obj36-format TSV (resumable, shardable).
 
-    python extract.py --images DIR_OR_LISTFILE --out FILE.tsv --detector DIR
+    python extract.py --images DIR_OR_LISTFILE --out FILE.tsv --detector frcnn-vg-finetuned
                       [--boxes 36 | --min-boxes 10 --max-boxes 100] [--given-boxes BOXES.json]
                       [--batch-size N] [--devices N] [--device cpu|cuda]
 
 DIR: the image files directly in it; LISTFILE: one image path per line (relative to the list file). The row id is the
-file name without its extension. The detector is a directory in the HF port's format (`unc-nlp/frcnn-vg-finetuned`:
-`config.yaml` + `pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
+file name without its extension. The detector is an alias of checkpoints/registry.yaml (`frcnn-vg-finetuned`,
+downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's format (`config.yaml` +
+`pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
 only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
 ones, and images without an entry are skipped.
@@ -19,13 +20,17 @@ import sys
 
 from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction
 from lxmert_pl.detector.selection import BoxSelection
+from lxmert_pl.errors import user_errors
+from lxmert_pl.evaluate import describe_weights
+from lxmert_pl.registry import resolve_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="image folder or list file")
     parser.add_argument("--out", required=True, help="output TSV (appended to when it exists)")
-    parser.add_argument("--detector", required=True, help="detector directory (config.yaml + weights) or weights file")
+    parser.add_argument("--detector", required=True,
+                        help="registry alias (frcnn-vg-finetuned, demo-frcnn) or detector directory / weights file")
     parser.add_argument("--detector-config", default=None, help="config.yaml, if not next to the weights")
     parser.add_argument("--boxes", type=int, default=None, help="fixed number of boxes per image (default 36)")
     parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at least this many boxes (10)")
@@ -51,17 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run_extraction(
-        list_images(args.images),
-        args.out,
-        args.detector,
-        args.selection,
-        given_boxes=None if args.given_boxes is None else load_given_boxes(args.given_boxes),
-        batch_size=args.batch_size,
-        devices=args.devices,
-        device=args.device,
-        detector_config=args.detector_config,
-    )
+    with user_errors("extract.py"):
+        detector = resolve_checkpoint(args.detector)
+        print(f"Detector: {describe_weights(detector)}")
+        result = run_extraction(
+            list_images(args.images),
+            args.out,
+            detector.path,
+            args.selection,
+            given_boxes=None if args.given_boxes is None else load_given_boxes(args.given_boxes),
+            batch_size=args.batch_size,
+            devices=args.devices,
+            device=args.device,
+            detector_config=args.detector_config,
+        )
     return 0 if result.written + result.already_done > 0 or not result.skipped else 1
 
 

@@ -44,8 +44,9 @@ def run_name(cfg: DictConfig) -> str:
 def describe_weights(resolved) -> str:
     """Say plainly which weights are loaded; bundled demo weights are named as such."""
     if resolved.alias and resolved.alias.startswith("demo-"):
+        real = "--detector frcnn-vg-finetuned" if str(resolved.format).startswith("frcnn") else "--ckpt lxr955"
         return (f"{resolved.alias} = the BUNDLED DEMO weights ({resolved.description}); their scores mean something "
-                f"only on the bundled sample data: use --ckpt lxr955 for real images. File: {resolved.path}")
+                f"only on the bundled sample data: use {real} for real images. File: {resolved.path}")
     if resolved.alias:
         return f"{resolved.alias} ({resolved.description}) from {resolved.path}"
     return str(resolved.path)

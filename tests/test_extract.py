@@ -87,6 +87,33 @@ def test_cli_extracts_every_readable_image_and_lists_the_skipped(detector_dir, i
     np.testing.assert_allclose(rows["img_5"].features, alone.features, atol=1e-4, rtol=0)
 
 
+def test_detector_alias_is_resolved_through_the_registry(tmp_path, capsys):
+    """`--detector demo-frcnn` (an alias, as the README's commands use) extracts with the bundled demo detector."""
+    sample = REPO_ROOT / "data" / "sample"
+    if not (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
+        pytest.skip("bundled demo detector absent (checkpoints/demo/frcnn): make it with scripts/make_demo.py")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("sample_val_000000.png", "sample_val_000001.png"):
+        (images / name).write_bytes((sample / "images" / "val" / name).read_bytes())
+    out = tmp_path / "demo.tsv"
+    code = extract.main(["--images", str(images), "--out", str(out), "--detector", "demo-frcnn",
+                         "--given-boxes", str(sample / "boxes.json")])
+    assert code == 0
+    assert "demo-frcnn = the BUNDLED DEMO weights" in capsys.readouterr().out
+    bundled = {row.img_id: row for row in iter_tsv_features(sample / "features" / "val_obj.tsv")}
+    for row in iter_tsv_features(out):
+        np.testing.assert_allclose(row.features, bundled[row.img_id].features, atol=1e-4, rtol=0)
+
+
+def test_unknown_detector_alias_is_one_clear_error(image_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        extract.main(["--images", str(image_dir), "--out", str(tmp_path / "x.tsv"), "--detector", "frcnn-vg"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("extract.py: error: 'frcnn-vg' is neither") and "frcnn-vg-finetuned" in error
+
+
 def test_adaptive_selection_flags():
     args = extract.parse_args(
         ["--images", "d", "--out", "o.tsv", "--detector", "x", "--min-boxes", "10", "--max-boxes", "100"]
