@@ -9,6 +9,7 @@ the whole set. Training minimises cross-entropy on the matching logits with targ
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,6 +21,10 @@ from lxmert_pl.metrics import matching_metrics
 from lxmert_pl.model.config import LxrtConfig
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.scoring import SCORE_MODES, forward_batch
+
+# Lightning 2.6's own batch flattening calls torch's deprecated `LeafSpec()`: a warning about library internals that
+# every eval/train run would print and the user cannot act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 DEFAULT_THRESHOLDS = {"itm": 0.5, "cosine": 0.0}
 FINETUNE_CHOICES = ("all", "head", "top-k")
