@@ -21,7 +21,6 @@ import sys
 from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction
 from lxmert_pl.detector.selection import BoxSelection
 from lxmert_pl.errors import user_errors
-from lxmert_pl.evaluate import describe_weights
 from lxmert_pl.registry import resolve_checkpoint
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with user_errors("extract.py"):
         detector = resolve_checkpoint(args.detector)
-        print(f"Detector: {describe_weights(detector)}")
+        print(f"Detector: {detector.describe()}")
         result = run_extraction(
             list_images(args.images),
             args.out,

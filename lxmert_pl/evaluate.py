@@ -41,17 +41,6 @@ def run_name(cfg: DictConfig) -> str:
     return base if cfg.name or cfg.mode == "itm" else f"{base}_{cfg.mode}"
 
 
-def describe_weights(resolved) -> str:
-    """Say plainly which weights are loaded; bundled demo weights are named as such."""
-    if resolved.alias and resolved.alias.startswith("demo-"):
-        real = "--detector frcnn-vg-finetuned" if str(resolved.format).startswith("frcnn") else "--ckpt lxr955"
-        return (f"{resolved.alias} = the BUNDLED DEMO weights ({resolved.description}); their scores mean something "
-                f"only on the bundled sample data: use {real} for real images. File: {resolved.path}")
-    if resolved.alias:
-        return f"{resolved.alias} ({resolved.description}) from {resolved.path}"
-    return str(resolved.path)
-
-
 def _require_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -83,7 +72,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
             boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
     detector, report = load_detector(detector_ckpt.path)
-    say(f"Detector: {describe_weights(detector_ckpt)}\n  {report.summary()}")
+    say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
     selection = BoxSelection(cfg.detector.min_boxes, cfg.detector.max_boxes)
     source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache)
@@ -129,7 +118,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=require)
-    say(f"Weights: {describe_weights(resolved)}\n  {report.summary()}")
+    say(f"Weights: {resolved.describe()}\n  {report.summary()}")
 
     source, source_text = build_feature_source(cfg, out_dir)
     prefetch_images(source, cfg.data.pairs, cfg.detector.batch_size)

@@ -98,6 +98,16 @@ class ResolvedCheckpoint:
     format: str | None = None
     description: str | None = None
 
+    def describe(self) -> str:
+        """Say plainly which weights these are; bundled demo weights are named as such."""
+        if self.alias and self.alias.startswith("demo-"):
+            real = "--detector frcnn-vg-finetuned" if str(self.format).startswith("frcnn") else "--ckpt lxr955"
+            return (f"{self.alias} = the BUNDLED DEMO weights ({self.description}); their scores mean something "
+                    f"only on the bundled sample data: use {real} for real images. File: {self.path}")
+        if self.alias:
+            return f"{self.alias} ({self.description}) from {self.path}"
+        return str(self.path)
+
 
 # ----------------------------------------------------------------------------------------------- registry file
 

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lxmert_pl.checkpointing import ResumeCheckpoint
 from lxmert_pl.config import REPO_ROOT
 from lxmert_pl.data.training import TrainingDataModule
-from lxmert_pl.evaluate import describe_weights, say
+from lxmert_pl.evaluate import say
 from lxmert_pl.features.sources import open_feature_source
 from lxmert_pl.lit_module import MatchingModule
 from lxmert_pl.loggers import PairsPerSecondBar, build_loggers
@@ -49,7 +49,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     start = cfg.resume or cfg.ckpt
     resolved = resolve_checkpoint(str(start))
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=("matching",))
-    say(f"{'Resuming' if cfg.resume else 'Starting'} from: {describe_weights(resolved)}\n  {report.summary()}")
+    say(f"{'Resuming' if cfg.resume else 'Starting'} from: {resolved.describe()}\n  {report.summary()}")
     model.keep_heads(("matching",))  # the other pretraining heads take no part in fine-tuning
     model.train()  # the loader returns eval mode; Lightning keeps submodule modes as it finds them (dropout!)
 
