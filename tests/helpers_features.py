@@ -55,6 +55,19 @@ def write_synthetic_tsv(
     return records
 
 
+def random_images(n: int, seed: int = 0, min_boxes: int = 2, max_boxes: int = 12, dim: int = 2048):
+    """`n` images with min_boxes..max_boxes-1 boxes each: ReLU'd Gaussian features [n_i, dim] and normalised boxes
+    [n_i, 4] (x1 < x2, y1 < y2 inside [0, 1]), as per-image lists for the scoring APIs."""
+    g = np.random.default_rng(seed)
+    counts = g.integers(min_boxes, max_boxes, n)
+    feats = [np.maximum(g.standard_normal((c, dim)), 0).astype(np.float32) for c in counts]
+    boxes = []
+    for c in counts:
+        xy = g.uniform(0, 0.5, (c, 2))
+        boxes.append(np.concatenate([xy, xy + g.uniform(0.05, 0.5, (c, 2))], 1).astype(np.float32))
+    return feats, boxes
+
+
 def assert_same_bits(actual: ImageFeatures | dict, expected: ImageFeatures) -> None:
     """Same img_id and sizes, and every array with the same dtype, shape and bytes (`actual` may be a dict row)."""
     get = actual.get if isinstance(actual, dict) else lambda name: getattr(actual, name)

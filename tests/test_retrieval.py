@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers_features import write_synthetic_tsv
+from helpers_features import random_images, write_synthetic_tsv
 
 from lxmert_pl.model import LxmertMatchingModel, LxrtConfig, get_preset
 from lxmert_pl.model.loading import save_hf_directory
@@ -56,17 +56,6 @@ def tokenizer() -> LxmertTokenizer:
     return LxmertTokenizer()
 
 
-def _images(n: int, seed: int = 0, min_boxes: int = 2, max_boxes: int = 12):
-    g = np.random.default_rng(seed)
-    counts = g.integers(min_boxes, max_boxes, n)
-    feats = [np.maximum(g.standard_normal((c, 2048)), 0).astype(np.float32) for c in counts]
-    boxes = []
-    for c in counts:
-        xy = g.uniform(0, 0.5, (c, 2))
-        boxes.append(np.concatenate([xy, xy + g.uniform(0.05, 0.5, (c, 2))], 1).astype(np.float32))
-    return feats, boxes
-
-
 def _pairwise_grid(model, sentences, feats, boxes, mode="itm") -> torch.Tensor:
     """Reference: every (image, caption) pair through the whole model (Scorer, no factorization)."""
     pairs = [(i, j) for i in range(len(feats)) for j in range(len(sentences))]
@@ -77,7 +66,7 @@ def _pairwise_grid(model, sentences, feats, boxes, mode="itm") -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["itm", "cosine"])
 def test_grid_equals_pairwise(model, tokenizer, mode):
-    feats, boxes = _images(5, seed=1)
+    feats, boxes = random_images(5, seed=1)
     grid = score_grid(model, tokenizer, CAPTIONS, feats, boxes, batch_size=4, mode=mode)
     ref = _pairwise_grid(model, CAPTIONS, feats, boxes, mode)
     assert grid.shape == (5, len(CAPTIONS)) and grid.dtype == torch.float32
@@ -87,7 +76,7 @@ def test_grid_equals_pairwise(model, tokenizer, mode):
 
 
 def test_pair_set_equals_grid_entries(model, tokenizer):
-    feats, boxes = _images(4, seed=2)
+    feats, boxes = random_images(4, seed=2)
     image_index, caption_index = [3, 0, 0, 2, 3, 1], [6, 0, 5, 5, 6, 2]  # repeats on purpose
     got = score_pairs(model, tokenizer, CAPTIONS, feats, boxes, image_index, caption_index, batch_size=4)
     grid = score_grid(model, tokenizer, CAPTIONS, feats, boxes)
@@ -99,7 +88,7 @@ def _gt_one_caption_each(num_images: int) -> dict[int, set[int]]:
 
 
 def test_retrieve_with_k_covering_everything_is_the_full_grid(model, tokenizer):
-    feats, boxes = _images(6, seed=3)
+    feats, boxes = random_images(6, seed=3)
     gt = _gt_one_caption_each(6)
     full = retrieve(model, tokenizer, CAPTIONS, feats, boxes, gt, k=None, batch_size=5)
     covered = retrieve(model, tokenizer, CAPTIONS, feats, boxes, gt, k=len(CAPTIONS), batch_size=5)
@@ -110,7 +99,7 @@ def test_retrieve_with_k_covering_everything_is_the_full_grid(model, tokenizer):
 
 
 def test_small_k_keeps_the_first_stage_top_k(model, tokenizer):
-    feats, boxes = _images(6, seed=4)
+    feats, boxes = random_images(6, seed=4)
     k = 2
     result = retrieve(model, tokenizer, CAPTIONS, feats, boxes, _gt_one_caption_each(6), k=k, batch_size=3)
     first = first_stage_scores(model, tokenizer, CAPTIONS, feats, boxes)
@@ -130,7 +119,7 @@ def test_small_k_keeps_the_first_stage_top_k(model, tokenizer):
 
 
 def test_first_stage_is_cosine_of_cls_and_masked_mean(model, tokenizer):
-    feats, boxes = _images(3, seed=5)
+    feats, boxes = random_images(3, seed=5)
     with torch.inference_mode():
         encoded = encode_set(model, tokenizer, CAPTIONS[:2], feats, boxes)
         first = first_stage_from_encoded(encoded)
@@ -180,7 +169,7 @@ def test_ties_keep_index_order_and_bad_ground_truth_is_an_error():
 def test_itm_without_matching_head_is_an_error(model, tokenizer):
     no_head = LxmertMatchingModel(get_preset("tiny"), heads=())
     no_head.bert.load_state_dict(model.bert.state_dict())
-    feats, boxes = _images(2)
+    feats, boxes = random_images(2)
     with pytest.raises(RuntimeError, match="cosine"):
         score_grid(no_head, tokenizer, CAPTIONS[:2], feats, boxes)
     cosine = score_grid(no_head, tokenizer, CAPTIONS[:2], feats, boxes, mode="cosine")
@@ -254,7 +243,7 @@ def test_bf16_scorer_agrees_with_fp32(tokenizer):
 
 
 def test_bf16_grid_matches_fp32_grid(model, tokenizer):
-    feats, boxes = _images(4, seed=9)
+    feats, boxes = random_images(4, seed=9)
     ref = score_grid(model, tokenizer, CAPTIONS, feats, boxes)
     got = score_grid(copy.deepcopy(model), tokenizer, CAPTIONS, feats, boxes, dtype=torch.bfloat16)
     assert got.dtype == torch.float32

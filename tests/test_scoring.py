@@ -10,6 +10,8 @@ from lxmert_pl.model import LxmertMatchingModel, get_preset
 from lxmert_pl.scoring import Scorer, forward_batch, forward_factorized, forward_pairs
 from lxmert_pl.tokenizer import LxmertTokenizer
 
+from helpers_features import random_images
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -21,20 +23,9 @@ def model():
     return m.eval()
 
 
-def _images(n, seed=0):
-    g = np.random.default_rng(seed)
-    counts = g.integers(3, 12, n)
-    feats = [np.maximum(g.standard_normal((c, 2048)), 0).astype(np.float32) for c in counts]
-    boxes = []
-    for c in counts:
-        xy = g.uniform(0, 0.5, (c, 2))
-        boxes.append(np.concatenate([xy, xy + g.uniform(0.05, 0.5, (c, 2))], 1).astype(np.float32))
-    return feats, boxes
-
-
 def test_scorer_variable_boxes_equals_one_by_one(model):
     scorer = Scorer(model, batch_size=3)
-    feats, boxes = _images(5)
+    feats, boxes = random_images(5, min_boxes=3)
     sents = ["a red circle", "two dogs", "a blue square on the left", "nothing", "a cat"]
     res = scorer.score(sents, feats, boxes)
     assert res.match_logits.shape == (5, 2) and res.match_prob.shape == (5,)
@@ -49,7 +40,7 @@ def test_scorer_variable_boxes_equals_one_by_one(model):
 
 def test_factorized_equals_pairwise_on_a_grid(model):
     tok = LxmertTokenizer()
-    feats, boxes = _images(4, seed=1)
+    feats, boxes = random_images(4, seed=1, min_boxes=3)
     sents = ["a red circle", "a green triangle and a dog", "two cats", "blue"]
     grid = [(t, i) for t in range(4) for i in range(4)]
     from lxmert_pl.scoring import pad_boxes
@@ -69,7 +60,7 @@ def test_factorized_equals_pairwise_on_a_grid(model):
 def test_scorer_without_matching_head_gives_cosine(model):
     vqa_like = LxmertMatchingModel(get_preset("tiny"), heads=())
     vqa_like.bert.load_state_dict(model.bert.state_dict())
-    feats, boxes = _images(2)
+    feats, boxes = random_images(2, min_boxes=3)
     res = Scorer(vqa_like).score(["a", "b"], feats, boxes)
     ref = Scorer(model).score(["a", "b"], feats, boxes)
     assert res.match_logits is None and res.match_prob is None
