@@ -24,7 +24,6 @@ Stages (each prints its run time):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
