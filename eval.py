@@ -6,8 +6,8 @@
     python eval.py --ckpt PATH --pairs PAIRS.json --features VAL_obj36.tsv --out DIR [--mode cosine]
     python eval.py ... data.batch_size=64 trainer.precision=bf16-true    # any config key as key=value
 
-Data path: pairs + features (or images) -> lxmert_pl.data.MatchingDataModule -> lxmert_pl.lit_module.MatchingModule
--> metrics / predictions (lxmert_pl.evaluate). Configs: configs/eval.yaml, configs/test/, configs/experiment/.
+Data path: pairs + features (or images) -> lxmert_pl.data.MatchingDataModule -> lxmert_pl.runs.module.MatchingModule
+-> metrics / predictions (lxmert_pl.runs.evaluate). Configs: configs/eval.yaml, configs/test/, configs/experiment/.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lxmert_pl.config import ConfigError, available, compose
+from lxmert_pl.runs.config import ConfigError, available, compose
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
-    from lxmert_pl.evaluate import run_eval
-    from lxmert_pl.errors import user_errors
+    from lxmert_pl.runs.evaluate import run_eval
+    from lxmert_pl.runs.errors import user_errors
 
     with user_errors("eval.py"):
         run_eval(cfg)

@@ -20,7 +20,7 @@ import sys
 
 from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction
 from lxmert_pl.detector.selection import BoxSelection
-from lxmert_pl.errors import user_errors
+from lxmert_pl.runs.errors import user_errors
 from lxmert_pl.registry import resolve_checkpoint
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lxmert_pl.config import ConfigError, compose
+from lxmert_pl.runs.config import ConfigError, compose
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    from lxmert_pl.errors import user_errors
-    from lxmert_pl.training import run_train
+    from lxmert_pl.runs.errors import user_errors
+    from lxmert_pl.runs.training import run_train
 
     with user_errors("train.py"):
         run_train(cfg)

@@ -28,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from lxmert_pl import __version__
+from lxmert_pl.errors import LxmertPlError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ USER_AGENT = f"lxmert_pl/{__version__}"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
-class RegistryError(Exception):
+class RegistryError(LxmertPlError):
     """Base class of the errors raised here; also raised for a malformed registry file."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lxmert_pl.checkpointing import ResumeCheckpoint
+from lxmert_pl.runs.checkpointing import ResumeCheckpoint
 
 
 class StubTrainer:

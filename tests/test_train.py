@@ -10,8 +10,8 @@ import torch
 from e2e_helpers import run_script, write_shape_task
 
 from lxmert_pl.data.dataset import MatchingDataset
-from lxmert_pl.data.training import CaptionNegativesDataset, normalise_caption
-from lxmert_pl.lit_module import MatchingModule
+from lxmert_pl.data.train_datamodule import CaptionNegativesDataset, normalise_caption
+from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.model import LxmertMatchingModel, get_preset
 from lxmert_pl.pairs.io import Pair
 from lxmert_pl.tokenizer import LxmertTokenizer

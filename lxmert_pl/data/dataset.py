@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lxmert_pl.errors import LxmertPlError
 from lxmert_pl.features.sources import FeatureSource
 from lxmert_pl.pairs.io import Pair
 from lxmert_pl.tokenizer import LxmertTokenizer
@@ -24,7 +25,7 @@ UNKNOWN_LABEL = -1
 _SHOWN_MISSING = 5
 
 
-class MissingFeaturesError(LookupError):
+class MissingFeaturesError(LxmertPlError, LookupError):
     """Pairs name img_ids that the feature source does not hold."""
 
 

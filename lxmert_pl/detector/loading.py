@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..errors import CheckpointError  # noqa: F401  (re-exported)
 from .config import FrcnnConfig
 from .model import BottomUpFasterRCNN, build_detector
 
@@ -40,10 +41,6 @@ _BLOCK_RENAMES = (
 )
 # Port keys that exist in every checkpoint but have no role at test time.
 _IGNORED = re.compile(r"(\.num_batches_tracked$)|(^roi_heads\.box_predictor\.bbox_pred\.(weight|bias)$)")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not fit the configured architecture (missing or misshapen tensors) or cannot be read."""
 
 
 def port_key(key: str) -> str:

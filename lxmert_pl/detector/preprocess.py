@@ -15,8 +15,10 @@ import cv2
 import numpy as np
 import torch
 
+from ..errors import LxmertPlError
 
-class ImageReadError(OSError):
+
+class ImageReadError(LxmertPlError, OSError):
     """An image file that OpenCV cannot decode (missing, empty, corrupt or not an image)."""
 
 

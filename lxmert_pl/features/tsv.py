@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from lxmert_pl.errors import LxmertPlError, UserInputError
 from lxmert_pl.features.types import ImageFeatures
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _MAX_IMG_ID_BYTES = 4096
 _TAIL_SEARCH_BYTES = 1 << 20
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(UserInputError):
     """A feature file (TSV, index or store) is malformed; the message names the file and line or img_id."""
 
 
@@ -77,7 +78,7 @@ class DuplicateImageIdError(FeatureFileError):
     """One img_id occurs twice in the rows of one feature source."""
 
 
-class MissingImageError(KeyError):
+class MissingImageError(LxmertPlError, KeyError):
     """An img_id that no feature source holds."""
 
     def __init__(self, img_id: str, searched: Sequence[str]):

@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from lxmert_pl.errors import CheckpointError  # noqa: F401  (re-exported)
 from lxmert_pl.model.config import LxrtConfig, get_preset
 from lxmert_pl.model.heads import LxmertMatchingModel
 
@@ -45,10 +46,6 @@ HEAD_PREFIXES = {
 }
 TIED_DECODER_KEY = "cls.predictions.decoder.weight"
 WORD_EMBEDDINGS_KEY = "bert.embeddings.word_embeddings.weight"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file and key."""
 
 
 @dataclass

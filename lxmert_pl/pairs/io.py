@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lxmert_pl.errors import UserInputError
+
 _JSON_LINES_SUFFIXES = {".jsonl", ".ndjson"}
 _TRUE_LABELS = {"1", "true"}
 _FALSE_LABELS = {"0", "false"}
 
 
-class PairFileError(ValueError):
+class PairFileError(UserInputError):
     """A pair file is malformed; the message names the file and the line or pair index."""
 
 

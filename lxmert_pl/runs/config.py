@@ -13,13 +13,13 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from lxmert_pl.errors import ConfigError  # noqa: F401  (re-exported)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 PATH_KEYS = ("pairs", "images", "boxes", "features", "train", "val")
 
 
-class ConfigError(ValueError):
-    """A configuration the user asked for that does not exist or is not valid."""
 
 
 def valid_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -14,15 +14,15 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-from lxmert_pl.checkpointing import ResumeCheckpoint
-from lxmert_pl.config import REPO_ROOT
-from lxmert_pl.data.training import TrainingDataModule
-from lxmert_pl.evaluate import say
+from lxmert_pl.runs.checkpointing import ResumeCheckpoint
+from lxmert_pl.runs.config import REPO_ROOT
+from lxmert_pl.data.train_datamodule import TrainingDataModule
+from lxmert_pl.runs.evaluate import say
 from lxmert_pl.features.sources import open_feature_source
-from lxmert_pl.lit_module import MatchingModule
-from lxmert_pl.loggers import PairsPerSecondBar, build_loggers
+from lxmert_pl.runs.module import MatchingModule
+from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers
 from lxmert_pl.model.loading import load_lxmert
-from lxmert_pl.outputs import metrics_table
+from lxmert_pl.runs.outputs import metrics_table
 from lxmert_pl.registry import resolve_checkpoint
 
 

@@ -14,13 +14,13 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from lxmert_pl.config import REPO_ROOT
+from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.data.datamodule import MatchingDataModule
 from lxmert_pl.features.sources import open_feature_source
-from lxmert_pl.lit_module import MatchingModule
-from lxmert_pl.loggers import PairsPerSecondBar, build_loggers, wandb_logger
+from lxmert_pl.runs.module import MatchingModule
+from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logger
 from lxmert_pl.model.loading import load_lxmert
-from lxmert_pl.outputs import metrics_table, prediction_rows, write_metrics, write_plots, write_predictions
+from lxmert_pl.runs.outputs import metrics_table, prediction_rows, write_metrics, write_plots, write_predictions
 from lxmert_pl.registry import resolve_checkpoint
 
 log = logging.getLogger("lxmert_pl")

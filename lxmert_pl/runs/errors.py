@@ -1,0 +1,47 @@
+"""Turn the errors a user can fix into one clear line on stderr and exit status 2, instead of a traceback.
+
+User errors are the project's own (`lxmert_pl.errors.LxmertPlError`: bad input files, configs, checkpoints) and the
+operating system's file errors (not found, permission denied, a directory where a file was expected ...), whose
+message names the path. Everything else is a bug and keeps its traceback. `LXMERT_PL_DEBUG=1` keeps the traceback of
+user errors too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Iterator
+
+from lxmert_pl.errors import LxmertPlError
+
+# The OSError subclasses whose message (with its filename) tells the user what to fix.
+FILE_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+USER_ERRORS: tuple[type[BaseException], ...] = (LxmertPlError, *FILE_ERRORS)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a user error: the message, with the file an OSError names."""
+    if isinstance(err, OSError) and not isinstance(err, LxmertPlError) and err.filename is not None:
+        return f"{err.strerror or err}: {err.filename}"
+    if isinstance(err, KeyError) and type(err).__str__ is KeyError.__str__ and err.args:
+        return str(err.args[0])  # KeyError's own str() adds quotes
+    return str(err)
+
+
+@contextlib.contextmanager
+def user_errors(program: str) -> Iterator[None]:
+    """Print `program: error: message` and exit 2 on a user error; other exceptions propagate with a traceback."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("LXMERT_PL_DEBUG"):
+            raise
+        print(f"{program}: error: {describe_error(err)}", file=sys.stderr)
+        sys.exit(2)
