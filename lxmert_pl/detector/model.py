@@ -161,7 +161,7 @@ class BottomUpFasterRCNN(nn.Module):
         return [
             ImageRegions(
                 **{f.name: getattr(out, f.name) for f in fields(NetworkOutputs)},
-                rois=out.boxes / scale if boxes is None else boxes,
+                rois=boxes_in_original_pixels(out.boxes, scale, item.orig_h, item.orig_w) if boxes is None else boxes,
                 scale=item.scale,
                 orig_h=item.orig_h,
                 orig_w=item.orig_w,
@@ -250,6 +250,19 @@ def build_detector(cfg: FrcnnConfig, roi_chunk_size: int = 512) -> BottomUpFaste
         roi_chunk_size=roi_chunk_size,
     )
     return BottomUpFasterRCNN(transform, build_backbone(cfg), rpn, roi_head, background_first=False).eval()
+
+
+def boxes_in_original_pixels(boxes: torch.Tensor, scale: torch.Tensor, orig_h: int, orig_w: int) -> torch.Tensor:
+    """Network-pixel proposals mapped back to the original image, clipped to [0, orig_w] x [0, orig_h].
+
+    Proposals are clipped to the *resized* image, whose size is the original times `scale` ROUNDED: dividing by the
+    scale can then overshoot the original border by up to 0.5 / scale pixels (e.g. x2 = 166.2 on a 166-pixel-wide
+    image), which the original feature reader rejects (it asserts normalised boxes < 1 + 1e-5). The clip only moves
+    such overshoots back onto the border; every other coordinate is unchanged.
+    """
+    original = boxes / scale
+    limits = torch.tensor([orig_w, orig_h, orig_w, orig_h], dtype=original.dtype, device=original.device)
+    return torch.minimum(original.clamp(min=0), limits)
 
 
 def validate_boxes(boxes: np.ndarray) -> torch.Tensor:
