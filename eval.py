@@ -12,61 +12,51 @@ Data path: pairs + features (or images) -> lxmert_pl.data.MatchingDataModule -> 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lxmert_pl.runs.config import ConfigError, available, compose
+from lxmert_pl.runs.cli import BATCH_SIZE, CKPT, FEATURES, MODEL_CONFIG, NAME, OUT, TRAINER_FLAGS, Command, Flag
+from lxmert_pl.runs.cli import finite_float, positive_int
+
+FLAGS = [
+    CKPT, NAME, OUT, MODEL_CONFIG,
+    Flag("--with-feat", "data.source", "use pre-extracted features (two-step), not images", "switch",
+         value_if_set="features"),
+    Flag("--pairs", "data.pairs", "pair file (seed JSON, JSONL/CSV, or LXMERT caption file)"),
+    FEATURES,
+    Flag("--images", "data.images", "folder of raw images (one-step matching with the detector)"),
+    Flag("--given-boxes", "data.given_boxes", "JSON {img_id: [[x1,y1,x2,y2], ...]}: extract features at these boxes"),
+    Flag("--boxes", None, "detected boxes per image for one-step matching (sets detector.min_boxes/max_boxes)",
+         type=positive_int),
+    Flag("--detector", "detector.ckpt", "detector alias or directory (one-step matching)"),
+    Flag("--mode", "mode", "matching head probability or cosine score", choices=("itm", "cosine")),
+    Flag("--threshold", "threshold", "answer True when score > threshold", type=finite_float),
+    BATCH_SIZE, *TRAINER_FLAGS,
+]
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("--ckpt", help="checkpoint alias (checkpoints/registry.yaml) or path, any known format")
-    parser.add_argument("--test", help=f"pairs + features of configs/test/NAME.yaml ({', '.join(available('test'))})")
-    parser.add_argument("--experiment", help=f"preset of configs/experiment/ ({', '.join(available('experiment'))})")
-    parser.add_argument("--with-feat", action="store_true", help="use pre-extracted features (two-step), not images")
-    parser.add_argument("--name", help="run name (output folder outputs/NAME)")
-    parser.add_argument("--pairs", help="pair file (seed JSON, JSONL/CSV, or LXMERT caption file)")
-    parser.add_argument("--features", action="append", help="obj36 TSV or binary store; repeat for several")
-    parser.add_argument("--images", help="folder of raw images (one-step matching with the detector)")
-    parser.add_argument("--boxes", help="JSON {img_id: [[x1,y1,x2,y2], ...]}: extract features at these boxes")
-    parser.add_argument("--detector", help="detector alias or directory (one-step matching)")
-    parser.add_argument("--out", help="output folder (default outputs/<name>)")
-    parser.add_argument("--mode", choices=["itm", "cosine"], help="matching head probability or cosine score")
-    parser.add_argument("--model-config", help="architecture JSON (HF LxmertConfig field names)")
-    parser.add_argument("--devices", type=int, help="number of devices (N > 1: DDP)")
-    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"])
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--threshold", type=float, help="answer True when score > threshold")
-    args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args, rest
+def derive(namespace, values: dict) -> None:
+    """--features/--images choose the source; --boxes N sets both box counts."""
+    if "data.source" not in values:
+        if "data.features" in values:
+            values["data.source"] = "features"
+        elif "data.images" in values:
+            values["data.source"] = "images"
+    if namespace.boxes is not None:
+        values["detector.min_boxes"] = values["detector.max_boxes"] = namespace.boxes
+
+
+COMMAND = Command("eval.py", __doc__, "eval", FLAGS, groups={"--test": "test", "--experiment": "experiment"},
+                  adjust=derive)
+
+
+def run(cfg) -> None:
+    from lxmert_pl.runs.evaluate import run_eval  # imported after parsing: --help and option errors answer at once
+
+    run_eval(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    flags = {
-        "ckpt": args.ckpt, "name": args.name, "out": args.out, "mode": args.mode, "model_config": args.model_config,
-        "threshold": args.threshold, "data.pairs": args.pairs, "data.features": args.features,
-        "data.images": args.images, "data.boxes": args.boxes, "data.batch_size": args.batch_size,
-        "detector.ckpt": args.detector, "trainer.devices": args.devices, "trainer.accelerator": args.accelerator,
-        "data.source": "features" if args.with_feat or args.features else ("images" if args.images else None),
-    }
-    try:
-        cfg = compose("eval", experiment=args.experiment, test=args.test, flags=flags, overrides=overrides)
-    except ConfigError as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
-        return 2
-    from lxmert_pl.runs.evaluate import run_eval
-    from lxmert_pl.runs.errors import user_errors
-
-    with user_errors("eval.py"):
-        run_eval(cfg)
-    return 0
-
+    return COMMAND.main(run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,49 +11,32 @@ Config: configs/train.yaml. The best checkpoint (val ROC-AUC) is usable as `eval
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lxmert_pl.runs.config import ConfigError, compose
+from lxmert_pl.runs.cli import BATCH_SIZE, CKPT, FEATURES, MODEL_CONFIG, NAME, OUT, TRAINER_FLAGS, Command, Flag
+
+FLAGS = [
+    CKPT, NAME, OUT, MODEL_CONFIG,
+    Flag("--train", "data.train", "labelled pairs, or a caption file (negatives made on the fly)"),
+    Flag("--val", "data.val", "labelled validation pairs"),
+    FEATURES,
+    Flag("--resume", "resume", "a last.ckpt of train.py to resume exactly"),
+    Flag("--max-epochs", "trainer.max_epochs", "epochs to train", type=int),
+    BATCH_SIZE, *TRAINER_FLAGS,
+]
+
+
+COMMAND = Command("train.py", __doc__, "train", FLAGS)
+
+
+def run(cfg) -> None:
+    from lxmert_pl.runs.training import run_train  # imported after parsing: --help and option errors answer at once
+
+    run_train(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--ckpt", help="starting weights: alias or path (any format the loader knows)")
-    parser.add_argument("--train", help="labelled pairs, or a caption file (negatives made on the fly)")
-    parser.add_argument("--val", help="labelled validation pairs")
-    parser.add_argument("--features", action="append", help="obj36 TSV or binary store; repeat for several")
-    parser.add_argument("--resume", help="a last.ckpt of train.py to resume exactly")
-    parser.add_argument("--name", help="run name (output folder outputs/NAME)")
-    parser.add_argument("--out", help="output folder")
-    parser.add_argument("--model-config", help="architecture JSON (HF LxmertConfig field names)")
-    parser.add_argument("--devices", type=int)
-    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"])
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--max-epochs", type=int)
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    unknown = [a for a in overrides if a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    flags = {
-        "ckpt": args.ckpt, "resume": args.resume, "name": args.name, "out": args.out,
-        "model_config": args.model_config, "data.train": args.train, "data.val": args.val,
-        "data.features": args.features, "data.batch_size": args.batch_size, "trainer.devices": args.devices,
-        "trainer.accelerator": args.accelerator, "trainer.max_epochs": args.max_epochs,
-    }
-    try:
-        cfg = compose("train", flags=flags, overrides=overrides)
-    except ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    from lxmert_pl.runs.errors import user_errors
-    from lxmert_pl.runs.training import run_train
-
-    with user_errors("train.py"):
-        run_train(cfg)
-    return 0
-
+    return COMMAND.main(run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -99,9 +99,14 @@ class ResolvedCheckpoint:
     format: str | None = None
     description: str | None = None
 
+    @property
+    def is_bundled_demo(self) -> bool:
+        """True for the registry's bundled demo aliases (`demo-*`); never for a path, whatever its name."""
+        return self.alias is not None and self.alias.startswith("demo-")
+
     def describe(self) -> str:
         """Say plainly which weights these are; bundled demo weights are named as such."""
-        if self.alias and self.alias.startswith("demo-"):
+        if self.is_bundled_demo:
             real = "--detector frcnn-vg-finetuned" if str(self.format).startswith("frcnn") else "--ckpt lxr955"
             return (f"{self.alias} = the BUNDLED DEMO weights ({self.description}); their scores mean something "
                     f"only on the bundled sample data: use {real} for real images. File: {self.path}")

@@ -115,16 +115,17 @@ def test_unknown_detector_alias_is_one_clear_error(image_dir, tmp_path, capsys):
 
 
 def test_adaptive_selection_flags():
-    args = extract.parse_args(
-        ["--images", "d", "--out", "o.tsv", "--detector", "x", "--min-boxes", "10", "--max-boxes", "100"]
-    )
-    assert args.selection == ADAPTIVE_10_100
-    assert extract.parse_args(["--images", "d", "--out", "o", "--detector", "x"]).selection == OBJ36
-    assert extract.parse_args(
-        ["--images", "d", "--out", "o", "--detector", "x", "--boxes", "20"]
-    ).selection == BoxSelection(20, 20)
-    with pytest.raises(SystemExit):
-        extract.parse_args(["--images", "d", "--out", "o", "--detector", "x", "--boxes", "36", "--min-boxes", "10"])
+    from lxmert_pl.errors import ConfigError
+    from lxmert_pl.runs.extraction import box_selection
+
+    def selection(*flags: str) -> BoxSelection:
+        return box_selection(extract.COMMAND.compose(["--images", "d", "--out", "o", "--detector", "x", *flags]).detector)
+
+    assert selection("--min-boxes", "10", "--max-boxes", "100") == ADAPTIVE_10_100
+    assert selection() == OBJ36
+    assert selection("--boxes", "20") == BoxSelection(20, 20)
+    with pytest.raises(ConfigError):
+        selection("--boxes", "36", "--min-boxes", "10")
 
 
 def test_resume_after_kill_gives_exactly_one_row_per_image(tmp_path, image_dir):

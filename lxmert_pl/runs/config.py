@@ -1,4 +1,7 @@
-"""Compose a run's configuration: base YAML + experiment preset + test split + CLI flags + key=value overrides.
+"""Compose a run's configuration: shared blocks + base YAML + experiment preset + test split + CLI flags + overrides.
+
+A base config may start with `defaults: [trainer, logger, ...]`: each named block is read from
+`configs/shared/<name>.yaml` and put under the key `<name>`; the base file's own keys extend or override it.
 
 Configs are plain OmegaConf YAML under `configs/`. Unknown keys are an error listing the valid ones. Relative
 paths inside `configs/test/*.yaml` are relative to the repository root; paths given on the command line are
@@ -17,7 +20,7 @@ from lxmert_pl.errors import ConfigError  # noqa: F401  (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
-PATH_KEYS = ("pairs", "images", "boxes", "features", "train", "val")
+PATH_KEYS = ("pairs", "images", "given_boxes", "features", "train", "val", "captions")
 
 
 
@@ -55,6 +58,19 @@ def _absolute_paths(cfg: DictConfig, root: Path) -> DictConfig:
     return cfg
 
 
+def load_base(base: str) -> DictConfig:
+    """configs/<base>.yaml with the shared blocks its `defaults` list names (configs/shared/<name>.yaml)."""
+    path = CONFIG_DIR / f"{base}.yaml"
+    cfg = OmegaConf.load(path)
+    shared = {}
+    for name in cfg.pop("defaults", None) or []:
+        block = CONFIG_DIR / "shared" / f"{name}.yaml"
+        if not block.exists():
+            raise ConfigError(f"{path}: defaults names {name!r}, but {block} does not exist")
+        shared[name] = OmegaConf.load(block)
+    return OmegaConf.merge(OmegaConf.create(shared), cfg)
+
+
 def merge_strict(cfg: DictConfig, update: DictConfig | dict, where: str) -> DictConfig:
     OmegaConf.set_struct(cfg, True)
     try:
@@ -75,7 +91,7 @@ def compose(
     overrides: Iterable[str] = (),
 ) -> DictConfig:
     """`base`: a file in configs/ (e.g. "eval"); `flags`: dotted keys set by CLI options (None values skipped)."""
-    cfg = OmegaConf.load(CONFIG_DIR / f"{base}.yaml")
+    cfg = load_base(base)
     if experiment:
         cfg = merge_strict(cfg, load_group("experiment", experiment), f"configs/experiment/{experiment}.yaml")
     overrides = list(overrides)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,24 +13,26 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.data.datamodule import MatchingDataModule
-from lxmert_pl.features.sources import open_feature_source
+from lxmert_pl.errors import UserInputError
+from lxmert_pl.features.sources import expand_feature_paths, open_feature_source
+from lxmert_pl.runs.config import REPO_ROOT
+from lxmert_pl.runs.console import say
 from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logger
 from lxmert_pl.model.loading import load_lxmert
-from lxmert_pl.runs.outputs import metrics_table, prediction_rows, write_metrics, write_plots, write_predictions
+from lxmert_pl.runs.outputs import (
+    StagedResults,
+    metrics_table,
+    prediction_rows,
+    write_metrics,
+    write_plots,
+    write_predictions,
+)
 from lxmert_pl.registry import resolve_checkpoint
 
-log = logging.getLogger("lxmert_pl")
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-
-
-def say(message: str) -> None:
-    """Messages for the person at the terminal (rank 0 only under DDP)."""
-    if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        print(message, flush=True)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -44,38 +45,45 @@ def _require_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} is a directory, expected a file: {p}")
     return p
 
 
 def build_feature_source(cfg: DictConfig, out_dir: Path):
-    """Features from TSV files / stores, or extracted from raw images by the detector (one-step)."""
+    """Features from TSV files / stores (paths or globs), or extracted from raw images by the detector (one-step)."""
     data = cfg.data
     source = data.source
     if source not in ("auto", "features", "images"):
-        raise ValueError(f"data.source must be auto|features|images, got {source!r}")
+        raise UserInputError(f"data.source must be auto|features|images, got {source!r}")
     if source == "auto":
         source = "features" if data.features and not data.images else ("images" if data.images else "features")
     if source == "features":
         if not data.features:
-            raise ValueError("no feature files: pass --features TSV_OR_STORE (or data.images for one-step matching)")
-        paths = [str(_require_file(p, "feature file")) for p in data.features]
+            raise UserInputError("no feature files: pass --features TSV_OR_STORE (or --images DIR for one-step "
+                                 "matching)")
+        paths = [str(p) for p in expand_feature_paths(list(data.features))]
         return open_feature_source(paths), f"features: {', '.join(paths)}"
-    import numpy as np
 
-    from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, load_detector
+    from lxmert_pl.detector import ImageFolderFeatureSource, load_detector
+    from lxmert_pl.detector.extraction import load_given_boxes
+    from lxmert_pl.runs.extraction import box_selection
 
-    images = _require_file(data.images, "image folder")
-    boxes = None
-    if data.boxes:
-        with open(_require_file(data.boxes, "boxes file"), encoding="utf-8") as f:
-            boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
+    if not data.images:
+        raise UserInputError("no images: pass --images DIR (or --features TSV for pre-extracted features)")
+    images = Path(data.images)
+    if not images.exists():
+        raise FileNotFoundError(f"image folder not found: {images}")
+    if not images.is_dir():
+        raise NotADirectoryError(f"--images must be a folder of images, got a file: {images}")
+    boxes = load_given_boxes(data.given_boxes) if data.given_boxes else None
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
-    detector, report = load_detector(detector_ckpt.path)
+    detector, report = load_detector(detector_ckpt.path, config=cfg.detector.config)
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
-    selection = BoxSelection(cfg.detector.min_boxes, cfg.detector.max_boxes)
+    selection = box_selection(cfg.detector)
     source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache)
-    mode = "at the given boxes of " + str(data.boxes) if boxes else selection.describe()
+    mode = "at the given boxes of " + str(data.given_boxes) if boxes else selection.describe()
     return source, f"images: {images} (features extracted by the detector, {mode})"
 
 
@@ -91,11 +99,12 @@ def prefetch_images(source, pairs_file: str, batch_size: int) -> None:
 
 
 def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
-    devices = cfg.trainer.devices
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     return pl.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=devices,
-        strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+        num_nodes=nodes,
+        strategy="ddp" if isinstance(devices, int) and devices * nodes > 1 else "auto",
         precision=cfg.trainer.precision,
         logger=loggers,
         callbacks=[PairsPerSecondBar()],
@@ -108,7 +117,7 @@ def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.data.pairs:
-        raise ValueError("no pairs: pass --pairs FILE or --test NAME")
+        raise UserInputError("no pairs: pass --pairs FILE or --test NAME")
     _require_file(cfg.data.pairs, "pairs file")
     name = run_name(cfg)
     out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
@@ -143,17 +152,21 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         raise RuntimeError("no pairs were scored")
     skipped = datamodule.skipped
     rows = prediction_rows(pairs, results["index"], results["score"], module.threshold, skipped)
-    write_predictions(out_dir, rows)
-    OmegaConf.save(cfg, out_dir / "config.yaml")
     metrics = results.get("metrics") or {}
-    plots = []
-    if metrics:
-        labelled = results["label"] >= 0
-        plots = write_plots(out_dir, results["score"][labelled], results["label"][labelled], module.threshold, cfg.mode)
-        write_metrics(out_dir, metrics, {
-            "ckpt": str(cfg.ckpt), "weights": str(resolved.path), "mode": cfg.mode, "pairs": str(cfg.data.pairs),
-            "num_pairs_total": len(pairs), "num_skipped": len(skipped),
-        })
+    with StagedResults(out_dir) as stage:
+        write_predictions(stage.path, rows)
+        OmegaConf.save(cfg, stage.path / "config.yaml")
+        if metrics:
+            labelled = results["label"] >= 0
+            write_plots(stage.path, results["score"][labelled], results["label"][labelled], module.threshold,
+                        cfg.mode)
+            write_metrics(stage.path, metrics, {
+                "ckpt": str(cfg.ckpt), "weights": str(resolved.path), "mode": cfg.mode, "pairs": str(cfg.data.pairs),
+                "num_pairs_total": len(pairs), "num_skipped": len(skipped),
+            })
+    plots = sorted((out_dir / "plots").glob("*.png")) if metrics else []
+    if stage.replaced:
+        say(f"Replaced the results of an earlier run in {out_dir}: {', '.join(stage.replaced)}")
     for logger in loggers:
         logger.log_metrics({f"test/{k}": v for k, v in metrics.items() if v == v})  # NaN dropped
         logger.save()
@@ -166,7 +179,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         say(f"No labels in {cfg.data.pairs}: predictions only.")
     say(f"Predictions: {out_dir / 'predictions.json'} (and .csv)"
         + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else ""))
-    if "demo" in str(cfg.ckpt):
+    if resolved.is_bundled_demo:
         say("Note: these are the bundled demo weights and data; see README for --ckpt lxr955.")
     return {"out_dir": out_dir, "metrics": metrics, "predictions": rows}
 

@@ -4,8 +4,11 @@
   `score` (P(matched) for `itm`, cosine for `cosine`), `answer` ("True"/"False" at the threshold), `ground` when the
   pair has a label, plus `image_id`/`sentence` (the research fork's dump names, so its scripts keep working);
 - `metrics.json` when labels exist; `plots/` (ROC, PR, score histograms per label, confusion matrix, PNG);
-- `config.yaml` (written by the caller).
-Files are written to a temporary name and renamed, so a crash never leaves a half-written file.
+- `config.yaml` (the resolved config of the run).
+A run's results are one consistent set: `StagedResults` writes them into a hidden folder inside the output folder and
+moves them into place only when all of them are written, replacing every result file of an earlier run there
+(including ones this run does not produce, e.g. an old `metrics.json` beside unlabelled predictions). A crash or an
+interrupt before that leaves the earlier set untouched.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +27,8 @@ import torch
 from lxmert_pl.metrics import decisions
 from lxmert_pl.pairs.io import Pair
 
+# Everything an evaluation writes as its result (the CSV/wandb logs and the image-feature cache are not results).
+RESULT_NAMES = ("predictions.json", "predictions.csv", "metrics.json", "plots", "config.yaml")
 PREDICTION_FIELDS = ["question_id", "img_id", "sent", "score", "answer", "ground", "image_id", "sentence"]
 
 
@@ -147,3 +154,40 @@ def metrics_table(metrics: dict[str, float]) -> str:
             text = "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
         lines.append(f"  {key:<20} {text}")
     return "\n".join(lines)
+
+
+class StagedResults:
+    """Result files written into `<out>/.results-XXXX/`, then moved over the previous run's set as one set.
+
+        with StagedResults(out_dir) as stage:
+            write_predictions(stage.path, rows)
+            ...
+        stage.replaced   # names of an earlier run's results that this run replaced or removed
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.path = Path(tempfile.mkdtemp(prefix=".results-", dir=self.out_dir))
+        self.replaced: list[str] = []
+
+    def __enter__(self) -> "StagedResults":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self) -> None:
+        unknown = sorted(p.name for p in self.path.iterdir() if p.name not in RESULT_NAMES)
+        if unknown:
+            raise RuntimeError(f"staged results hold files outside RESULT_NAMES: {unknown}")
+        for name in RESULT_NAMES:
+            old = self.out_dir / name
+            if old.exists():
+                self.replaced.append(name)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for name in RESULT_NAMES:
+            staged = self.path / name
+            if staged.exists():
+                os.replace(staged, self.out_dir / name)
