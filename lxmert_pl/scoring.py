@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lxmert_pl.errors import UserInputError
 from lxmert_pl.model.heads import LxmertMatchingModel, MatchingOutput
 from lxmert_pl.model.loading import LoadReport, load_lxmert
 from lxmert_pl.model.lxrt import EncodedImage, EncodedText
@@ -37,7 +38,7 @@ def precision_dtype(precision: str) -> torch.dtype:
     try:
         return PRECISIONS[precision]
     except KeyError:
-        raise ValueError(f"unknown precision {precision!r}; valid: {sorted(PRECISIONS)}") from None
+        raise UserInputError(f"unknown precision {precision!r}; valid: {sorted(PRECISIONS)}") from None
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ScoreResult:
             return self.match_prob
         if mode == "cosine":
             return self.cosine
-        raise ValueError(f"unknown score mode {mode!r}; valid: {SCORE_MODES}")
+        raise UserInputError(f"unknown score mode {mode!r}; valid: {SCORE_MODES}")
 
 
 def _first_positions(keys: Sequence) -> list[int]:
@@ -113,7 +114,7 @@ def batch_keys(batch: dict) -> tuple[list, list]:
 def forward_batch(model: LxmertMatchingModel, batch: dict, factorize: str = "auto") -> MatchingOutput:
     """Pairwise or factorized forward. `factorize`: "auto" (when a sentence or image repeats), "always", "never"."""
     if factorize not in ("auto", "always", "never"):
-        raise ValueError(f"factorize must be auto|always|never, got {factorize!r}")
+        raise UserInputError(f"factorize must be auto|always|never, got {factorize!r}")
     if factorize == "never":
         return forward_pairs(model, batch)
     text_keys, image_keys = batch_keys(batch)

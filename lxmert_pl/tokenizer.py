@@ -18,6 +18,8 @@ from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
+from lxmert_pl.errors import UserInputError
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_MAX_SEQ_LENGTH = 20
 
@@ -39,7 +41,7 @@ class LxmertTokenizer:
 
     def __init__(self, vocab_path: str | Path | None = None, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH):
         if max_seq_length < 3:
-            raise ValueError(f"max_seq_length must be >= 3 (room for [CLS], one token, [SEP]), got {max_seq_length}")
+            raise UserInputError(f"max_seq_length must be >= 3 (room for [CLS], one token, [SEP]), got {max_seq_length}")
         self.vocab_path = Path(vocab_path) if vocab_path else default_vocab_path()
         self.vocab = _read_vocab(self.vocab_path)
         self.max_seq_length = max_seq_length
@@ -61,7 +63,7 @@ class LxmertTokenizer:
         """Token ids with [CLS]/[SEP], truncated, unpadded."""
         for i, s in enumerate(sentences):
             if not isinstance(s, str) or not s.strip():
-                raise ValueError(f"sentence #{i} is empty or whitespace-only: {s!r}")
+                raise UserInputError(f"sentence #{i} is empty or whitespace-only: {s!r}")
         encs = self._tok.encode_batch([s.strip() for s in sentences], add_special_tokens=False)
         keep = self.max_seq_length - 2
         return [[self.cls_id] + e.ids[:keep] + [self.sep_id] for e in encs]

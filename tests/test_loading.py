@@ -154,3 +154,23 @@ def test_pickle_needing_code_execution_is_refused(tmp_path):
         pickle.dump({"module.bert.x": _Evil()}, f)
     with pytest.raises(CheckpointError, match="refused"):
         load_lxmert(path)
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"", r"empty \(0 bytes\)"),
+        (b"<!DOCTYPE html><html><body>Sign in</body></html>", r"web page \(HTML\)"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n", "Git LFS pointer"),
+        (b"PK\x03\x04garbage", "not a readable PyTorch checkpoint"),
+    ],
+)
+def test_not_a_checkpoint_says_what_the_file_is(tmp_path, content, expected):
+    from lxmert_pl.errors import CheckpointError
+    from lxmert_pl.model.loading import load_lxmert
+
+    path = tmp_path / "model_LXRT.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_lxmert(path)
+    assert str(path) in str(info.value)

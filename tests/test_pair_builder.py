@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from lxmert_pl.errors import UserInputError
 from conftest import REPO_ROOT
 from helpers_features import make_image_features, write_synthetic_tsv
 
@@ -264,7 +266,7 @@ def test_bad_arguments_are_refused(grouped, arguments, message):
 
 def test_positive_without_vector_is_refused(grouped):
     vectors, _ = grouped
-    with pytest.raises(KeyError, match="1 positive image"):
+    with pytest.raises(UserInputError, match="1 positive image"):
         build_pairs([("nowhere", "a cat")], vectors, "random", per_positive=1, seed=0)
 
 
@@ -329,13 +331,29 @@ def test_cli_builds_the_same_file_twice(caption_files, tmp_path, method):
     assert "shortfall: 2 negatives" in done.stdout
 
 
+def _exit_status(main, arguments) -> int:
+    """The exit status of a CLI main that returns 0 or exits through `user_errors`."""
+    try:
+        return main(arguments)
+    except SystemExit as done:
+        return done.code
+
+
+def test_cli_refuses_out_equal_to_an_input(caption_files, tmp_path, capsys):
+    tsv, jsonl, _ = caption_files
+    before = jsonl.read_bytes()
+    assert _exit_status(main, ["build", "--captions", str(jsonl), "--features", str(tsv), "--out", str(jsonl)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert jsonl.read_bytes() == before
+
+
 def test_cli_names_images_without_features(caption_files, tmp_path, capsys):
     tsv, jsonl, _ = caption_files
     extra = tmp_path / "more.jsonl"
     extra.write_text(jsonl.read_text() + '{"img_id": "COCO_val2014_999", "sent": "lost"}\n', encoding="utf-8")
     out = tmp_path / "pairs.json"
     arguments = ["build", "--captions", str(extra), "--features", str(tsv), "--out", str(out)]
-    assert main(arguments) == 2
+    assert _exit_status(main, arguments) == 2
     assert "1 of 7 caption images are not in the features" in capsys.readouterr().err
     assert not out.exists()
     assert main(arguments + ["--skip-missing"]) == 0
@@ -347,5 +365,5 @@ def test_cli_refuses_pool_smaller_than_k(caption_files, tmp_path, capsys):
     tsv, jsonl, _ = caption_files
     arguments = ["build", "--captions", str(jsonl), "--features", str(tsv), "--out", str(tmp_path / "p.json"),
                  "--negatives", "similar", "--per-positive", "3", "--pool", "2"]
-    assert main(arguments) == 2
+    assert _exit_status(main, arguments) == 2
     assert "--pool (2) must be at least --per-positive (3)" in capsys.readouterr().err

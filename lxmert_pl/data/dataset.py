@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lxmert_pl.errors import LxmertPlError
+from lxmert_pl.errors import LxmertPlError, UserInputError
 from lxmert_pl.features.sources import FeatureSource
 from lxmert_pl.pairs.io import Pair
 from lxmert_pl.tokenizer import LxmertTokenizer
@@ -42,7 +42,7 @@ def _missing_summary(missing: Sequence[Pair], total: int, source: FeatureSource)
 def _check_sentences(pairs: Sequence[Pair]) -> None:
     for pair in pairs:
         if not isinstance(pair.sent, str) or not pair.sent.strip():
-            raise ValueError(f"pair #{pair.index} (img_id {pair.img_id!r}): empty or whitespace-only sentence")
+            raise UserInputError(f"pair #{pair.index} (img_id {pair.img_id!r}): empty or whitespace-only sentence")
 
 
 class MatchingDataset(Dataset):
@@ -101,7 +101,7 @@ def collate_matching(items: Sequence[dict]) -> dict:
     if len(dims) > 1:
         example_of = {int(item["features"].shape[1]): item["img_id"] for item in items}
         described = ", ".join(f"dim {dim} (img_id {img_id!r})" for dim, img_id in sorted(example_of.items()))
-        raise ValueError(f"features of different dims in one batch: {described}")
+        raise UserInputError(f"features of different dims in one batch: {described}")
     batch_size = len(items)
     max_boxes = max(int(item["features"].shape[0]) for item in items)
     # Filled with numpy: torch's multi-threaded copies of these sizes can cost milliseconds on a busy CPU.

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lxmert_pl.errors import UserInputError
+
 # Keys of HF/original config files that carry no architecture information (task flags, bookkeeping).
 _IGNORED_CONFIG_KEYS = {
     "model_type", "architectures", "transformers_version", "task_matched", "task_mask_lm", "task_obj_predict",
@@ -41,11 +43,11 @@ class LxrtConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise UserInputError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
         if self.hidden_act != "gelu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: LXRT uses the exact 'gelu'")
+            raise UserInputError(f"hidden_act {self.hidden_act!r} is not supported: LXRT uses the exact 'gelu'")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], strict: bool = True) -> "LxrtConfig":
@@ -53,7 +55,7 @@ class LxrtConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known - _IGNORED_CONFIG_KEYS
         if unknown and strict:
-            raise ValueError(f"unknown LXRT config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+            raise UserInputError(f"unknown LXRT config keys {sorted(unknown)}; valid keys: {sorted(known)}")
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
@@ -63,11 +65,11 @@ class LxrtConfig:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read model config {path}: {err}") from err
+            raise UserInputError(f"cannot read model config {path}: {err}") from err
         try:
             return cls.from_dict(values, strict=strict)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from err
+            raise UserInputError(f"{path}: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,4 +91,4 @@ def get_preset(name: str) -> LxrtConfig:
     try:
         return dataclasses.replace(PRESETS[name])
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}") from None
+        raise UserInputError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}") from None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lxmert_pl import MATCHED_INDEX
+from lxmert_pl.errors import UserInputError
 from lxmert_pl.model.config import LxrtConfig
 from lxmert_pl.model.lxrt import EncodedImage, EncodedText, LayerNorm, LxrtModel, LxrtOutput
 
@@ -118,7 +119,7 @@ class LxmertMatchingModel(nn.Module):
         super().__init__()
         unknown = set(heads) - set(HEAD_NAMES)
         if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; valid: {HEAD_NAMES}")
+            raise UserInputError(f"unknown heads {sorted(unknown)}; valid: {HEAD_NAMES}")
         self.config = config
         self.bert = LxrtModel(config)
         self.cls = PretrainingHeads(config, self.bert.embeddings.word_embeddings, "lm" in heads, "matching" in heads)
@@ -160,7 +161,7 @@ class LxmertMatchingModel(nn.Module):
         interaction that a near-linear network cannot start to fit; with `fan_in` it is learned in a few hundred.
         """
         if scheme not in ("bert", "fan_in"):
-            raise ValueError(f"unknown init scheme {scheme!r}; valid: bert, fan_in")
+            raise UserInputError(f"unknown init scheme {scheme!r}; valid: bert, fan_in")
         tied_decoder = getattr(self.cls.predictions, "decoder", None)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module is not tied_decoder:
@@ -182,8 +183,8 @@ class LxmertMatchingModel(nn.Module):
             )
         return self.cls.seq_relationship(pooled)
 
-    def heads_from(self, out: LxrtOutput, box_mask: torch.Tensor | None, with_matching: bool = True) -> MatchingOutput:
-        logits = self.match_head(out.pooled_output) if with_matching and self.has_matching_head else None
+    def heads_from(self, out: LxrtOutput, box_mask: torch.Tensor | None) -> MatchingOutput:
+        logits = self.match_head(out.pooled_output) if self.has_matching_head else None
         prob = logits.float().softmax(-1)[:, MATCHED_INDEX] if logits is not None else None
         return MatchingOutput(
             lang_output=out.lang_output,

@@ -22,7 +22,6 @@ shapes. Only `torch.load(..., weights_only=True)` is used: a pickle that needs c
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from lxmert_pl.errors import CheckpointError  # noqa: F401  (re-exported)
 from lxmert_pl.model.config import LxrtConfig, get_preset
 from lxmert_pl.model.heads import LxmertMatchingModel
+from lxmert_pl.weights_file import read_weights_file
 
 FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -75,29 +75,6 @@ class LoadReport:
 
 
 # ----------------------------------------------------------------------------------------------- reading files
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: the file needs arbitrary code execution to unpickle "
-            f"(only plain tensors/dicts are accepted, torch.load(weights_only=True)). Details: {err}"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {err}") from err
-
-
-def _read_weights(path: Path) -> object:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
-    return _torch_load(path)
 
 
 def _hf_weights_file(directory: Path) -> Path:
@@ -232,9 +209,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, Lxr
         raise FileNotFoundError(f"checkpoint not found: {path}")
     embedded, config_source = None, ""
     if path.is_dir():
-        state = _read_weights(_hf_weights_file(path))
+        state = read_weights_file(_hf_weights_file(path))
     else:
-        state = _read_weights(path)
+        state = read_weights_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     try:

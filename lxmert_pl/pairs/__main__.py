@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
+from lxmert_pl.errors import UserInputError
 from lxmert_pl.features.sources import FeatureSource, open_feature_source
-from lxmert_pl.features.tsv import MissingImageError
 from lxmert_pl.pairs.builder import (
     DEFAULT_KMEANS_ITERS,
     DEFAULT_POOL_FACTOR,
@@ -92,7 +93,7 @@ def _read_captions(paths: Sequence[str], caption_source: str) -> _Captions:
             else:
                 captions.positives.append((pair.img_id, pair.sent))
     if not captions.positives:
-        raise ValueError(f"no captions (pairs labelled 1 or unlabelled) in {', '.join(paths)}")
+        raise UserInputError(f"no captions (pairs labelled 1 or unlabelled) in {', '.join(paths)}")
     return captions
 
 
@@ -103,14 +104,14 @@ def _drop_missing(captions: _Captions, source: FeatureSource, skip_missing: bool
     if not missing:
         return
     if not skip_missing:
-        raise ValueError(
+        raise UserInputError(
             f"{len(missing):,} of {len(img_ids):,} caption images are not in the features ({source.describe()}), "
             f"e.g. {', '.join(missing[:_SHOWN_MISSING])}; pass --skip-missing to drop their captions"
         )
     absent = set(missing)
     kept = [(img_id, sent) for img_id, sent in captions.positives if img_id not in absent]
     if not kept:
-        raise ValueError(f"none of the {len(img_ids):,} caption images is in the features ({source.describe()})")
+        raise UserInputError(f"none of the {len(img_ids):,} caption images is in the features ({source.describe()})")
     captions.skipped = len(captions.positives) - len(kept)
     captions.skipped_images = len(missing)
     captions.positives = kept
@@ -133,7 +134,11 @@ def _summary(args: argparse.Namespace, stats: BuildStats, captions: _Captions) -
 
 def _build(args: argparse.Namespace) -> int:
     if args.pool is not None and args.pool < args.per_positive:
-        raise ValueError(f"--pool ({args.pool}) must be at least --per-positive ({args.per_positive})")
+        raise UserInputError(f"--pool ({args.pool}) must be at least --per-positive ({args.per_positive})")
+    out = Path(args.out).resolve()
+    for given in args.captions:
+        if Path(given).resolve() == out:
+            raise UserInputError(f"--out {args.out} is also an input (--captions): write the pairs to another file")
     captions = _read_captions(args.captions, args.caption_source)
     source = open_feature_source(args.features, cache_dir=args.cache_dir)
     _drop_missing(captions, source, args.skip_missing)
@@ -153,12 +158,12 @@ _COMMANDS = {"build": _build}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lxmert_pl.runs.errors import user_errors  # this module is an entry point (run layer), see docs/architecture.md
+
     args = _build_parser().parse_args(argv)
-    try:
+    with user_errors("python -m lxmert_pl.pairs"):
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError, MissingImageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return 2  # not reached: user_errors exits
 
 
 if __name__ == "__main__":

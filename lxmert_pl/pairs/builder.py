@@ -31,6 +31,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from lxmert_pl.errors import UserInputError
 from lxmert_pl.features.types import ImageFeatures
 
 METHODS = ("random", "similar", "cluster")
@@ -258,13 +259,13 @@ class _ClusterSampler:
 
 def _check_arguments(method: str, per_positive: int, seed: int, pool: int | None) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown negative method {method!r}; valid: {', '.join(METHODS)}")
+        raise UserInputError(f"unknown negative method {method!r}; valid: {', '.join(METHODS)}")
     if per_positive < 1:
-        raise ValueError(f"per_positive must be at least 1, got {per_positive}")
+        raise UserInputError(f"per_positive must be at least 1, got {per_positive}")
     if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise UserInputError(f"seed must be a non-negative integer, got {seed}")
     if pool is not None and pool < per_positive:
-        raise ValueError(f"pool ({pool}) must be at least per_positive ({per_positive})")
+        raise UserInputError(f"pool ({pool}) must be at least per_positive ({per_positive})")
 
 
 def _unique_positives(
@@ -273,7 +274,7 @@ def _unique_positives(
     """(image index, caption, normalised caption) per distinct positive, in input order; and the duplicates count."""
     missing = sorted({img_id for img_id, _ in positives if img_id not in index})
     if missing:
-        raise KeyError(f"{len(missing)} positive image(s) have no vector, e.g. {', '.join(missing[:5])}")
+        raise UserInputError(f"{len(missing)} positive image(s) have no vector, e.g. {', '.join(missing[:5])}")
     seen: set[tuple[int, str]] = set()
     unique = []
     for img_id, sent in positives:
@@ -304,7 +305,7 @@ def _make_sampler(
         return _SimilarSampler(matrix, [image for image, _, _ in positives], pool, pool + most_excluded)
     clusters = clusters if clusters is not None else max(1, round(len(matrix) ** 0.5))
     if not 1 <= clusters <= len(matrix):
-        raise ValueError(f"clusters must lie in 1..{len(matrix)} (the number of images), got {clusters}")
+        raise UserInputError(f"clusters must lie in 1..{len(matrix)} (the number of images), got {clusters}")
     return _ClusterSampler(matrix, clusters, seed, kmeans_iters)
 
 
@@ -353,7 +354,7 @@ def build_pairs(
     """
     _check_arguments(method, per_positive, seed, pool)
     if not positives:
-        raise ValueError("no positives to build pairs from")
+        raise UserInputError("no positives to build pairs from")
     images = sorted(vectors)
     index = {img_id: position for position, img_id in enumerate(images)}
     matrix = l2_normalize(np.stack([np.asarray(vectors[img_id]) for img_id in images]))

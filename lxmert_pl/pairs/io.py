@@ -52,8 +52,15 @@ class Pair:
 
 
 def load_pairs(path: str | Path, *, caption_source: str = "mscoco") -> list[Pair]:
-    """Read a pair file in any of the formats in this module's docstring."""
+    """Read a pair file in any of the formats in this module's docstring (at least one pair)."""
     path = Path(path)
+    pairs = _read_pairs(path, caption_source)
+    if not pairs:
+        raise PairFileError(f"{path}: the file holds no pairs")
+    return pairs
+
+
+def _read_pairs(path: Path, caption_source: str) -> list[Pair]:
     text = _read_utf8(path)
     first_char = text.lstrip()[:1]
     if not first_char:
@@ -63,9 +70,22 @@ def load_pairs(path: str | Path, *, caption_source: str = "mscoco") -> list[Pair
         if entries and isinstance(entries[0], dict) and "sentf" in entries[0]:
             return _caption_pairs(path, entries, caption_source)
         return [_pair_from_record(path, entry, index, None) for index, entry in enumerate(entries)]
+    if first_char == "{" and _is_one_json_object(text):
+        raise PairFileError(f"{path}: a single JSON object spread over several lines; expected a JSON list of pairs "
+                            "[{...}, ...] or JSON Lines (one pair object per line)")
     if first_char == "{" or path.suffix.lower() in _JSON_LINES_SUFFIXES:
         return _pairs_from_records(path, _iter_json_lines(path, text))
     return _pairs_from_records(path, _iter_csv_records(path, text))
+
+
+def _is_one_json_object(text: str) -> bool:
+    """True when the whole text is one JSON object written over several lines (valid JSON, not JSON Lines)."""
+    if text.strip().count("\n") == 0:
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_utf8(path: Path) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from lxmert_pl.errors import UserInputError
+
 
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -27,7 +29,7 @@ def wandb_has_credentials() -> bool:
 
 def wandb_mode(requested: str) -> str:
     if requested not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.wandb.mode must be auto|online|offline|disabled, got {requested!r}")
+        raise UserInputError(f"logger.wandb.mode must be auto|online|offline|disabled, got {requested!r}")
     if requested == "auto":
         return "online" if wandb_has_credentials() else "offline"
     return requested

@@ -1,0 +1,82 @@
+"""eval.py on what users really pass: globs, reused output folders, bad boxes/pair files, wrong paths.
+
+Each case runs the real entry point on the bundled sample (demo weights, the val TSV) and checks the exit status and
+the one-line message (exit 2, no traceback) or the files left behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import REPO_ROOT, run_script
+
+pytestmark = pytest.mark.slow
+SAMPLE = REPO_ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("eval_inputs")
+    rows = json.loads((SAMPLE / "val_pairs.json").read_text())[:24]
+    labelled, unlabelled = tmp / "labelled.json", tmp / "unlabelled.json"
+    labelled.write_text(json.dumps(rows))
+    unlabelled.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("label", "ground")} for r in rows]))
+    return {"tmp": tmp, "labelled": labelled, "unlabelled": unlabelled}
+
+
+def _eval(*args) -> "subprocess.CompletedProcess":  # noqa: F821
+    return run_script("eval.py", "--ckpt", "demo-lxrt", *args)
+
+
+def _user_error(done, *needles: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def test_feature_glob_and_reused_output_folder(pairs):
+    out = pairs["tmp"] / "out"
+    first = _eval("--pairs", pairs["labelled"], "--features", str(SAMPLE / "features" / "val_*.tsv"), "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "metrics.json").exists() and (out / "plots").is_dir()
+    # The same folder, unlabelled pairs: the old metrics and plots must not sit beside the new predictions.
+    second = _eval("--pairs", pairs["unlabelled"], "--features", SAMPLE / "features" / "val_obj.tsv", "--out", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not (out / "metrics.json").exists() and not (out / "plots").exists()
+    assert "Replaced the results of an earlier run" in second.stdout
+    assert all("ground" not in row for row in json.loads((out / "predictions.json").read_text()))
+    assert not list(out.glob(".results-*")), "the staging folder is left behind"
+
+
+def test_bad_boxes_files_are_named(pairs):
+    tmp = pairs["tmp"]
+    not_json = tmp / "boxes.txt"
+    not_json.write_text("sample_val_000000 1 2 3 4\n")
+    wrong_shape = tmp / "boxes_wrong.json"
+    wrong_shape.write_text(json.dumps({"sample_val_000000": [[1, 2, 3]]}))
+    inverted = tmp / "boxes_inverted.json"
+    inverted.write_text(json.dumps({"sample_val_000000": [[30, 2, 10, 40]]}))
+    for boxes in (not_json, wrong_shape, inverted):
+        done = _eval("--pairs", pairs["labelled"], "--images", SAMPLE / "images" / "val", "--given-boxes", boxes,
+                     "--out", tmp / "boxes_out")
+        _user_error(done, boxes.name)
+
+
+def test_bad_paths_and_pair_files(pairs):
+    tmp = pairs["tmp"]
+    empty = tmp / "empty.json"
+    empty.write_text("[]")
+    an_object = tmp / "object.json"
+    an_object.write_text(json.dumps({"img_id": "x", "sent": "a red circle"}, indent=2))
+    features = ["--features", str(SAMPLE / "features" / "val_obj.tsv")]
+    _user_error(_eval("--pairs", empty, *features, "--out", tmp / "e"), "empty.json")
+    _user_error(_eval("--pairs", an_object, *features, "--out", tmp / "o"), "object.json")
+    _user_error(_eval("--pairs", tmp, *features, "--out", tmp / "d"), str(tmp))
+    _user_error(_eval("--pairs", pairs["labelled"], "--images", pairs["labelled"], "--out", tmp / "i"),
+                "labelled.json")
