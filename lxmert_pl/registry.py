@@ -383,6 +383,11 @@ def _stream(response: http.client.HTTPResponse, out: BinaryIO, digest: "hashlib.
                             f"bytes; the partial file {out.name} is kept and resumed on the next try")
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's content (what `<file>.sha256` records and model cards quote)."""
+    return _sha256_of(Path(path)).hexdigest()
+
+
 def _sha256_of(path: Path) -> "hashlib._Hash":
     """Running sha256 of a file's current content."""
     digest = hashlib.sha256()
