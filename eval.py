@@ -39,6 +39,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--threshold", type=float, help="answer True when score > threshold")
+    parser.add_argument("--card", help="model card (README.md or its folder) to add this evaluation's metrics to")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     flags = {
         "ckpt": args.ckpt, "name": args.name, "out": args.out, "mode": args.mode, "model_config": args.model_config,
-        "threshold": args.threshold, "data.pairs": args.pairs, "data.features": args.features,
+        "threshold": args.threshold, "card": args.card, "data.pairs": args.pairs, "data.features": args.features,
         "data.images": args.images, "data.boxes": args.boxes, "data.batch_size": args.batch_size,
         "detector.ckpt": args.detector, "trainer.devices": args.devices, "trainer.accelerator": args.accelerator,
         "data.source": "features" if args.with_feat or args.features else ("images" if args.images else None),

@@ -137,7 +137,13 @@ def card_for_checkpoint(model: LxmertMatchingModel, checkpoint: ResolvedCheckpoi
 # ----------------------------------------------------------------------------------------------- rendering
 
 
+def _json_number(value: Any) -> float:
+    """numpy / torch scalars in metrics -> float for JSON."""
+    return float(value)
+
+
 def _number(value: Any) -> str:
+    value = value.item() if hasattr(value, "item") else value
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else (f"{int(value)}" if value.is_integer() and abs(value) >= 1 else
                                                 f"{value:.4f}")
@@ -195,7 +201,7 @@ def render_card(card: ModelCard, evaluations: list[EvaluationResult] = ()) -> st
               "out = model(**text, visual_feats=feats, visual_pos=boxes)",
               f"p_matched = out.cross_relationship_score.softmax(-1)[:, {MATCHED_INDEX}]",
               "```", "", "or with lxmert_pl: `python eval.py --ckpt DIR --pairs PAIRS --features FEATURES`.", ""]
-    data = json.dumps(card.to_dict(), indent=1, sort_keys=True)
+    data = json.dumps(card.to_dict(), indent=1, sort_keys=True, default=_json_number)
     return "\n".join(lines) + f"\n<!-- lxmert_pl:card-data\n{data}\n-->\n"
 
 
@@ -217,7 +223,7 @@ def _training_section(training: TrainingSummary | None) -> list[str]:
 
 
 def _evaluation_region(evaluations: list[EvaluationResult]) -> str:
-    data = json.dumps([asdict(e) for e in evaluations], indent=1)
+    data = json.dumps([asdict(e) for e in evaluations], indent=1, default=_json_number)
     body = ["## Evaluation", ""]
     if not evaluations:
         body += ["No evaluation recorded yet (`python eval.py --ckpt ... --card THIS_README` adds one).", ""]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logge
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.runs.outputs import metrics_table, prediction_rows, write_metrics, write_plots, write_predictions
 from lxmert_pl.registry import resolve_checkpoint
+from lxmert_pl.export import EvaluationResult, add_evaluation
 
 log = logging.getLogger("lxmert_pl")
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
@@ -166,6 +169,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         say(f"No labels in {cfg.data.pairs}: predictions only.")
     say(f"Predictions: {out_dir / 'predictions.json'} (and .csv)"
         + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else ""))
+    if cfg.get("card") and metrics:
+        protocol = f"{cfg.mode} scoring, threshold {module.threshold:g}, weights {resolved.describe()}; {source_text}"
+        result = EvaluationResult(name, str(cfg.data.pairs), protocol, metrics, shlex.join(["eval.py", *sys.argv[1:]]))
+        say(f"Model card: {add_evaluation(cfg.card, result)} (Evaluation: {name})")
     if "demo" in str(cfg.ckpt):
         say("Note: these are the bundled demo weights and data; see README for --ckpt lxr955.")
     return {"out_dir": out_dir, "metrics": metrics, "predictions": rows}
