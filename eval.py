@@ -30,6 +30,7 @@ FLAGS = [
     Flag("--detector", "detector.ckpt", "detector alias or directory (one-step matching)"),
     Flag("--mode", "mode", "matching head probability or cosine score", choices=("itm", "cosine")),
     Flag("--threshold", "threshold", "answer True when score > threshold", type=finite_float),
+    Flag("--card", "card", "model card (README.md or its folder) to add this evaluation's metrics to"),
     BATCH_SIZE, *TRAINER_FLAGS,
 ]
 

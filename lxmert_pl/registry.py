@@ -1,10 +1,20 @@
 """Checkpoint registry: short aliases for the checkpoints lxmert_pl reads, and a resumable, verified downloader.
 
-The registry is `checkpoints/registry.yaml` (its comments describe the fields). `resolve_checkpoint` turns a path or an
-alias into a local path: an existing path is passed through untouched, an alias is looked up under the checkpoints
-folder and downloaded there when it is missing. Where the checkpoints folder is: the argument `checkpoints_dir`, else
-the environment variable `LXMERT_PL_CHECKPOINTS`, else the repository's `checkpoints/` folder. Bundled entries (demo
-checkpoints that ship with the repository) are always read from the folder that holds their registry file.
+The registry is `checkpoints/registry.yaml` (its comments describe the fields). `resolve_checkpoint` turns a path, an
+alias or a Hugging Face Hub reference into a local path, in this order:
+
+1. an existing path is passed through untouched;
+2. an alias: a `hub:` alias is fetched by `huggingface_hub` into the standard HF cache (`lxmert_pl.hub`: HF_HOME,
+   HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE are honoured); any other alias is looked up under the checkpoints folder
+   and downloaded there by `download_file` when it is missing;
+3. `hf://ORG/NAME[@REVISION]`, or a plain `ORG/NAME` that is not a path: fetched from the Hub like a `hub:` alias.
+
+Where the checkpoints folder is: the argument `checkpoints_dir`, else the environment variable `LXMERT_PL_CHECKPOINTS`,
+else the repository's `checkpoints/` folder. Bundled entries (demo checkpoints that ship with the repository) are
+always read from the folder that holds their registry file.
+
+`download_file` is for files on servers other than the Hub (the UNC server's `model_LXRT.pth`), which publish no
+checksums and are not covered by any shared cache: it stays hand-written for them.
 
 `download_file` streams into `<dest>.part`, resumes a partial `.part` with an HTTP Range request (restarting when the
 server ignores it), checks the size and sha256 when the registry knows them, and renames the file into place only
@@ -29,6 +39,7 @@ from tqdm import tqdm
 
 from lxmert_pl import __version__
 from lxmert_pl.errors import LxmertPlError
+from lxmert_pl.hub import HubRef, HubUnavailableError, fetch_hub_files, parse_hub_ref
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +52,7 @@ CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 30.0
 USER_AGENT = f"lxmert_pl/{__version__}"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_HUB_URL_RE = re.compile(r"https?://(www\.)?(huggingface\.co|hf\.co)/")
 
 
 class RegistryError(LxmertPlError):
@@ -77,8 +89,9 @@ class RemoteFile:
 class Entry:
     """One registry alias.
 
-    `downloads` is empty for bundled and manual-only entries; `bundled_dir` is set only for bundled entries (the
-    folder holding the registry file); `manual` is a page to fetch the checkpoint from by hand.
+    `downloads` is empty for bundled, hub and manual-only entries; `bundled_dir` is set only for bundled entries (the
+    folder holding the registry file); `manual` is a page to fetch the checkpoint from by hand; `hub` is set only for
+    Hugging Face Hub entries (their `file` is the repo id: they live in the HF cache, not the checkpoints folder).
     """
 
     alias: str
@@ -88,16 +101,22 @@ class Entry:
     downloads: tuple[RemoteFile, ...] = ()
     bundled_dir: Path | None = None
     manual: str | None = None
+    hub: HubRef | None = None
 
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """A local checkpoint path; `alias`, `format` and `description` are None for a path given directly."""
+    """A local checkpoint path; `alias`, `format` and `description` are None for a path given directly.
+
+    `source` says where a Hub checkpoint came from, as `hf://ORG/NAME@COMMIT` (the commit the cache holds); None for
+    everything else.
+    """
 
     path: Path
     alias: str | None = None
     format: str | None = None
     description: str | None = None
+    source: str | None = None
 
     @property
     def is_bundled_demo(self) -> bool:
@@ -110,9 +129,10 @@ class ResolvedCheckpoint:
             real = "--detector frcnn-vg-finetuned" if str(self.format).startswith("frcnn") else "--ckpt lxr955"
             return (f"{self.alias} = the BUNDLED DEMO weights ({self.description}); their scores mean something "
                     f"only on the bundled sample data: use {real} for real images. File: {self.path}")
+        origin = f"{self.source} (in the HF cache: {self.path})" if self.source else str(self.path)
         if self.alias:
-            return f"{self.alias} ({self.description}) from {self.path}"
-        return str(self.path)
+            return f"{self.alias} ({self.description}) from {origin}"
+        return origin
 
 
 # ----------------------------------------------------------------------------------------------- registry file
@@ -136,10 +156,18 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Entry
 def _parse_entry(alias: str, fields: Any, registry_path: Path) -> Entry:
     """Validate one alias's fields and build its `Entry`."""
     where = f"{registry_path}: entry '{alias}'"
-    if not isinstance(fields, dict) or not all(key in fields for key in ("file", "format", "description")):
-        raise RegistryError(f"{where}: needs at least `file`, `format` and `description`")
+    needed = ("format", "description") if isinstance(fields, dict) and "hub" in fields else ("file", "format",
+                                                                                            "description")
+    if not isinstance(fields, dict) or not all(key in fields for key in needed):
+        raise RegistryError(f"{where}: needs at least `file` (or `hub`), `format` and `description`")
     if fields["format"] not in FORMATS:
         raise RegistryError(f"{where}: format {fields['format']!r} is not one of {', '.join(FORMATS)}")
+    if "hub" in fields:
+        if fields.get("source") is not None:
+            raise RegistryError(f"{where}: give either `hub` or `source`, not both")
+        hub = _hub_ref(where, fields["hub"])
+        return Entry(alias=alias, file=hub.repo_id, format=fields["format"], description=fields["description"],
+                     hub=hub)
     entry = Entry(alias=alias, file=str(fields["file"]), format=fields["format"], description=fields["description"])
     source = fields.get("source")
     if source == BUNDLED:
@@ -151,6 +179,20 @@ def _parse_entry(alias: str, fields: Any, registry_path: Path) -> Entry:
     if source is None and fields.get("manual"):
         return replace(entry, manual=str(fields["manual"]))
     raise RegistryError(f"{where}: `source` must be a URL, a list of files, {BUNDLED!r}, or null with `manual`")
+
+
+def _hub_ref(where: str, hub: Any) -> HubRef:
+    """Validate a `hub: {repo, revision, files}` mapping; `revision` must be written out (a commit, or `main`)."""
+    if not isinstance(hub, dict) or not isinstance(hub.get("repo"), str) or not isinstance(hub.get("revision"), str):
+        raise RegistryError(f"{where}: `hub` needs `repo` (ORG/NAME) and `revision` (a commit, or main when none is "
+                            f"pinned), got {hub!r}")
+    ref = parse_hub_ref(hub["repo"])
+    if ref is None or ref.repo_id != hub["repo"]:
+        raise RegistryError(f"{where}: hub `repo` must be ORG/NAME, got {hub['repo']!r}")
+    files = hub.get("files") or ()
+    if not isinstance(files, (list, tuple)) or not all(isinstance(name, str) and name for name in files):
+        raise RegistryError(f"{where}: hub `files` must be a list of file names in the repo, got {files!r}")
+    return HubRef(repo_id=ref.repo_id, revision=hub["revision"], files=tuple(files))
 
 
 def _dir_file(where: str, directory: str, item: Any) -> RemoteFile:
@@ -165,6 +207,9 @@ def _remote_file(where: str, relpath: str, url: Any, fields: dict[str, Any]) -> 
     sha256, size = fields.get("sha256"), fields.get("size")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise RegistryError(f"{where}: {relpath}: `url` must be an http(s) URL, got {url!r}")
+    if _HUB_URL_RE.match(url):
+        raise RegistryError(f"{where}: {relpath}: {url} is on the Hugging Face Hub: describe the entry with "
+                            f"`hub: {{repo, revision, files}}` (fetched through huggingface_hub), not a URL")
     if sha256 is not None and not _SHA256_RE.fullmatch(str(sha256).lower()):
         raise RegistryError(f"{where}: {relpath}: `sha256` must be 64 hex digits or null, got {sha256!r}")
     if size is not None and (not isinstance(size, int) or size < 0):
@@ -183,13 +228,14 @@ def resolve_checkpoint(
     download: bool = True,
     progress: bool = True,
 ) -> ResolvedCheckpoint:
-    """Turn an existing path or a registry alias into a local checkpoint path.
+    """Turn an existing path, a registry alias or a Hub reference into a local checkpoint path.
 
     An existing file or directory is returned as is (format None: the loader detects it), even when its name is also
-    an alias. An alias resolves under `checkpoints_dir` (see `default_checkpoints_dir`); its missing files are
-    downloaded there when `download` is true. Raises `UnknownCheckpointError` (listing the aliases) for anything else,
-    and `CheckpointUnavailableError` (saying which file to put where, from which URL) when the files are missing and
-    cannot be downloaded.
+    an alias. A `hub:` alias, `hf://ORG/NAME[@REVISION]` or a plain `ORG/NAME` resolves to its snapshot folder in the
+    HF cache, fetched there by huggingface_hub when `download` is true (format None for a reference that is no alias).
+    Any other alias resolves under `checkpoints_dir` (see `default_checkpoints_dir`); its missing files are downloaded
+    there when `download` is true. Raises `UnknownCheckpointError` (listing the aliases) for anything else, and
+    `CheckpointUnavailableError` (saying which file to put where) when the files are missing and cannot be had.
     """
     candidate = Path(name_or_path).expanduser()
     if candidate.exists():
@@ -198,14 +244,37 @@ def resolve_checkpoint(
     entries = load_registry(registry_path)
     entry = entries.get(str(name_or_path))
     if entry is None:
+        try:
+            ref = parse_hub_ref(str(name_or_path))
+        except HubUnavailableError as err:
+            raise UnknownCheckpointError(str(err)) from None
+        if ref is not None:
+            return _resolve_hub(ref, None, download=download, progress=progress)
         raise UnknownCheckpointError(
-            f"{str(name_or_path)!r} is neither an existing file or directory nor a checkpoint alias; "
-            f"known aliases (from {registry_path}): {', '.join(sorted(entries))}"
+            f"{str(name_or_path)!r} is neither an existing file or directory, nor a checkpoint alias, nor a Hugging "
+            f"Face Hub reference (hf://ORG/NAME[@REVISION]); known aliases (from {registry_path}): "
+            f"{', '.join(sorted(entries))}"
         )
+    if entry.hub is not None:
+        return _resolve_hub(entry.hub, entry, download=download, progress=progress)
     root = entry.bundled_dir or Path(checkpoints_dir or default_checkpoints_dir()).expanduser()
     _fetch_missing(entry, root, download=download, progress=progress)
     return ResolvedCheckpoint(path=root / entry.file, alias=entry.alias, format=entry.format,
                               description=entry.description)
+
+
+def _resolve_hub(ref: HubRef, entry: Entry | None, *, download: bool, progress: bool) -> ResolvedCheckpoint:
+    """Fetch a Hub checkpoint through huggingface_hub; a missing one is a one-line `CheckpointUnavailableError`."""
+    try:
+        snapshot, commit = fetch_hub_files(ref, download=download, progress=progress)
+    except HubUnavailableError as err:
+        prefix = f"checkpoint {entry.alias!r}: " if entry else ""
+        raise CheckpointUnavailableError(prefix + str(err)) from err
+    if not ref.pinned:
+        logger.info("%s: revision %s is not pinned; the cache holds commit %s", ref.repo_id, ref.revision, commit)
+    return ResolvedCheckpoint(path=snapshot, alias=entry.alias if entry else None,
+                              format=entry.format if entry else None,
+                              description=entry.description if entry else None, source=ref.uri(commit))
 
 
 def _fetch_missing(entry: Entry, root: Path, *, download: bool, progress: bool) -> None:
@@ -317,6 +386,11 @@ def _stream(response: http.client.HTTPResponse, out: BinaryIO, digest: "hashlib.
     if expected is not None and received < expected:
         raise DownloadError(f"transfer of {response.url} ended after {start + received} of {start + expected} "
                             f"bytes; the partial file {out.name} is kept and resumed on the next try")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's content (what `<file>.sha256` records and model cards quote)."""
+    return _sha256_of(Path(path)).hexdigest()
 
 
 def _sha256_of(path: Path) -> "hashlib._Hash":

@@ -324,6 +324,5 @@ def test_repository_registry() -> None:
     assert {alias: entries[alias].format for alias in expected} == expected
     assert all(entry.format in FORMATS for entry in entries.values())
     assert entries["lxr955"].downloads[0].url == "https://nlp.cs.unc.edu/data/model_LXRT.pth"
-    assert [Path(r.relpath).name for r in entries["frcnn-vg-finetuned"].downloads] == ["config.yaml",
-                                                                                       "pytorch_model.bin"]
+    assert entries["frcnn-vg-finetuned"].hub.files == ("config.yaml", "pytorch_model.bin")  # tests/test_hub.py
     assert entries["demo-lxrt"].bundled_dir == entries["demo-frcnn"].bundled_dir is not None

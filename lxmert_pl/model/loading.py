@@ -121,12 +121,28 @@ def map_lxrt_finetuned(key: str) -> tuple[str | None, str]:
     return None, "unknown key"
 
 
+# transformers' LxmertForPreTraining names vs ours: the backbone's prefix differs, every head keeps its name
+# (`cls.predictions.*`, `cls.seq_relationship.*`, `obj_predict_head.*`, `answer_head.logit_fc.*`). Read by
+# `map_hf` (HF -> ours) and `to_hf_key` (ours -> HF, the export): one table for both directions.
+HF_PREFIX_MAP = (("lxmert.", "bert."),)
+HF_BARE_MODEL_PREFIXES = ("embeddings.", "encoder.", "pooler.")  # a bare LxmertModel (read only)
+
+
 def map_hf(key: str) -> tuple[str | None, str]:
-    if key.startswith("lxmert."):
-        return "bert." + key[len("lxmert."):], ""
-    if key.startswith(("embeddings.", "encoder.", "pooler.")):  # a bare LxmertModel
+    for hf_prefix, our_prefix in HF_PREFIX_MAP:
+        if key.startswith(hf_prefix):
+            return our_prefix + key[len(hf_prefix):], ""
+    if key.startswith(HF_BARE_MODEL_PREFIXES):
         return "bert." + key, ""
     return key, ""
+
+
+def to_hf_key(key: str) -> str:
+    """Our parameter name -> transformers' `LxmertForPreTraining` name (the inverse of `map_hf`)."""
+    for hf_prefix, our_prefix in HF_PREFIX_MAP:
+        if key.startswith(our_prefix):
+            return hf_prefix + key[len(our_prefix):]
+    return key
 
 
 def map_lightning(key: str) -> tuple[str | None, str]:
@@ -314,7 +330,7 @@ def save_hf_directory(model: LxmertMatchingModel, directory: str | Path) -> Path
     """Write `config.json` + `pytorch_model.bin` in HF key names (used by tests and conversions)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {("lxmert." + k[len("bert."):] if k.startswith("bert.") else k): v for k, v in model.state_dict().items()}
+    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
     torch.save(state, directory / "pytorch_model.bin")
     with open(directory / "config.json", "w", encoding="utf-8") as f:
         json.dump({**model.config.to_dict(), "model_type": "lxmert"}, f, indent=2)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from lxmert_pl.runs.outputs import (
     write_predictions,
 )
 from lxmert_pl.registry import resolve_checkpoint
+from lxmert_pl.export import EvaluationResult, add_evaluation
 
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -179,6 +182,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         say(f"No labels in {cfg.data.pairs}: predictions only.")
     say(f"Predictions: {out_dir / 'predictions.json'} (and .csv)"
         + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else ""))
+    if cfg.get("card") and metrics:
+        protocol = f"{cfg.mode} scoring, threshold {module.threshold:g}, weights {resolved.describe()}; {source_text}"
+        result = EvaluationResult(name, str(cfg.data.pairs), protocol, metrics, shlex.join(["eval.py", *sys.argv[1:]]))
+        say(f"Model card: {add_evaluation(cfg.card, result)} (Evaluation: {name})")
     if resolved.is_bundled_demo:
         say("Note: these are the bundled demo weights and data; see README for --ckpt lxr955.")
     return {"out_dir": out_dir, "metrics": metrics, "predictions": rows}

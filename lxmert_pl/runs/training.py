@@ -7,6 +7,8 @@ optimizer, scheduler, loop progress and data position for an exact `resume=`). B
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.runs.outputs import metrics_table
-from lxmert_pl.registry import resolve_checkpoint
+from lxmert_pl.registry import ResolvedCheckpoint, resolve_checkpoint
+from lxmert_pl.export import TrainingSummary, card_for_checkpoint, write_model_card
+from lxmert_pl.export.model_card import describe_checkpoint
 
 
 def _require(path: str | None, what: str) -> str:
@@ -91,4 +95,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     if metrics:
         say(f"Last validation ({int(metrics['num_pairs'])} pairs):\n{metrics_table(metrics)}")
     say(f"Checkpoints: {checkpoint_dir} (best.ckpt by val ROC-AUC, last.ckpt for resume=)")
+    if (checkpoint_dir / "best.ckpt").exists() and trainer.is_global_zero:
+        training = TrainingSummary(
+            base_checkpoint=describe_checkpoint(resolved), train_pairs=train_file, val_pairs=val_file,
+            feature_files=features, epochs=trainer.current_epoch, steps=trainer.global_step, metrics=metrics,
+            settings={"lr": cfg.optim.lr, "batch_size": data.batch_size, "finetune": cfg.model.finetune})
+        card = card_for_checkpoint(model, ResolvedCheckpoint(checkpoint_dir / "best.ckpt"), training=training,
+                                   max_seq_length=data.max_seq_length, command=shlex.join(["train.py", *sys.argv[1:]]))
+        say(f"Model card: {write_model_card(checkpoint_dir, card)}")
     return {"out_dir": out_dir, "metrics": metrics, "global_step": trainer.global_step}
