@@ -80,3 +80,46 @@ def test_bad_paths_and_pair_files(pairs):
     _user_error(_eval("--pairs", tmp, *features, "--out", tmp / "d"), str(tmp))
     _user_error(_eval("--pairs", pairs["labelled"], "--images", pairs["labelled"], "--out", tmp / "i"),
                 "labelled.json")
+
+
+def test_sigint_says_it_was_interrupted_and_writes_nothing(pairs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = pairs["tmp"] / "interrupted"
+    many = pairs["tmp"] / "many.json"
+    rows = json.loads((SAMPLE / "val_pairs.json").read_text())
+    many.write_text(json.dumps(rows * 20))  # 4,000 pairs at batch size 1: long enough to interrupt
+    command = [sys.executable, str(REPO_ROOT / "eval.py"), "--ckpt", "demo-lxrt", "--pairs", str(many), "--features",
+               str(SAMPLE / "features" / "val_obj.tsv"), "--out", str(out), "--batch-size", "1"]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("Scoring:"):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "eval.py: interrupted: no results were written to" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "predictions.json").exists()
+
+
+def test_wandb_online_without_a_reachable_server_falls_back_offline(pairs):
+    import socket
+
+    with socket.socket() as probe:  # a local port with nothing listening: connection refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = pairs["tmp"] / "wandb_fallback"
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_SILENT": "true"}
+    done = run_script("eval.py", "--ckpt", "demo-lxrt", "--pairs", pairs["labelled"], "--features",
+                      SAMPLE / "features" / "val_obj.tsv", "--out", out, "logger.wandb.project=lxmert_pl_test",
+                      "logger.wandb.mode=online", env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wandb: cannot reach 127.0.0.1:{port}" in done.stdout
+    assert list((out / "wandb").glob("offline-run-*"))

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Iterator
 
-from lxmert_pl.errors import LxmertPlError
+from lxmert_pl.errors import InterruptedRunError, LxmertPlError
 
 # The OSError subclasses whose message (with its filename) tells the user what to fix.
 FILE_ERRORS: tuple[type[BaseException], ...] = (
@@ -40,6 +40,9 @@ def user_errors(program: str) -> Iterator[None]:
     """Print `program: error: message` and exit 2 on a user error; other exceptions propagate with a traceback."""
     try:
         yield
+    except InterruptedRunError as err:
+        print(f"{program}: interrupted: {err}", file=sys.stderr)
+        sys.exit(130)  # the shell's status for a SIGINT
     except USER_ERRORS as err:
         if os.environ.get("LXMERT_PL_DEBUG"):
             raise

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from lxmert_pl.data.datamodule import MatchingDataModule
-from lxmert_pl.errors import UserInputError
+from lxmert_pl.errors import InterruptedRunError, UserInputError
 from lxmert_pl.features.sources import expand_feature_paths, open_feature_source
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
@@ -119,12 +119,23 @@ def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate; an interrupt (Ctrl-C) becomes `InterruptedRunError` saying what was (not) written."""
     if not cfg.data.pairs:
         raise UserInputError("no pairs: pass --pairs FILE or --test NAME")
     _require_file(cfg.data.pairs, "pairs file")
     name = run_name(cfg)
     out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate(cfg, name, out_dir)
+    except KeyboardInterrupt:
+        cache = out_dir / "image_features.tsv"
+        kept = f"; the image-feature cache {cache} keeps the images extracted so far" if cache.exists() else ""
+        raise InterruptedRunError(f"no results were written to {out_dir} (an earlier run's results there are "
+                                  f"unchanged){kept}. Run the same command again to start over") from None
+
+
+def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
 
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
@@ -145,7 +156,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, loggers)
     say(f"Pairs: {cfg.data.pairs}\nFeatures: {source_text}\nScoring: {cfg.mode} "
         f"(threshold {module.threshold:g}), output: {out_dir}")
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
+            raise KeyboardInterrupt from None
+        raise
     results = module.results or {}
     if not trainer.is_global_zero:
         return {"out_dir": out_dir, "metrics": results.get("metrics", {})}

@@ -1,14 +1,18 @@
 """Loggers and the progress bar shared by eval and train: CSV always, wandb when configured.
 
 wandb runs offline automatically when no credentials are set (no `WANDB_API_KEY`, no `api.wandb.ai` entry in
-~/.netrc), so nothing tries to reach the network unasked; `wandb sync <out>/wandb/offline-run-*` uploads later.
+~/.netrc), so nothing tries to reach the network unasked; `wandb sync <out>/wandb/offline-run-*` uploads later. With
+credentials, the server (`WANDB_BASE_URL`, default https://api.wandb.ai) is probed first with a short TCP connect: when
+it cannot be reached the run logs offline and says so, instead of waiting ~100 s for wandb's own time-out.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import socket
 import time
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,21 @@ def wandb_mode(requested: str) -> str:
     return requested
 
 
+WANDB_PROBE_TIMEOUT_S = 3.0
+
+
+def wandb_server_reachable(timeout: float = WANDB_PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """(reachable, "host:port" or the reason) for the wandb server a run would log to."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = url.hostname or "api.wandb.ai"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, f"{host}:{port}"
+    except OSError as err:
+        return False, f"{host}:{port} ({err.strerror or err})"
+
+
 def build_loggers(logger_cfg: Any, out_dir: Path, name: str, config: dict) -> list[Logger]:
     loggers: list[Logger] = []
     if logger_cfg.get("csv", True):
@@ -42,6 +61,14 @@ def build_loggers(logger_cfg: Any, out_dir: Path, name: str, config: dict) -> li
     wandb_cfg = logger_cfg.get("wandb") or {}
     if wandb_cfg.get("project"):
         mode = wandb_mode(wandb_cfg.get("mode", "auto"))
+        if mode == "online":
+            reachable, where = wandb_server_reachable()
+            if not reachable:
+                from lxmert_pl.runs.console import say
+
+                say(f"wandb: cannot reach {where}; logging offline instead "
+                    f"(upload later with `wandb sync {out_dir}/wandb/offline-run-*`)")
+                mode = "offline"
         if mode != "disabled":
             loggers.append(WandbLogger(project=wandb_cfg.project, entity=wandb_cfg.get("entity"), name=name,
                                        save_dir=str(out_dir), mode=mode, config=config))
