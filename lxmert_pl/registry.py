@@ -32,7 +32,7 @@ from lxmert_pl.errors import LxmertPlError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf")
+FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf", "frcnn-caffe")
 BUNDLED = "bundled"
 ENV_CHECKPOINTS = "LXMERT_PL_CHECKPOINTS"
 REPO_CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"

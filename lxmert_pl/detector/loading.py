@@ -21,6 +21,7 @@ from .config import FrcnnConfig
 from .model import BottomUpFasterRCNN, build_detector
 
 CONFIG_NAME = "config.yaml"
+CAFFEMODEL_SUFFIX = ".caffemodel"
 WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors")
 
 # (prefix in this module, prefix in the port's checkpoint), first match wins.
@@ -113,9 +114,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def resolve_detector_files(path: str | Path, config: str | Path | None = None) -> tuple[Path, Path]:
-    """(config.yaml, weights file) for a detector directory or a weights file (config defaults to its folder's)."""
+def resolve_detector_files(path: str | Path, config: str | Path | None = None) -> tuple[Path | None, Path]:
+    """(config.yaml, weights file) for a detector directory or a weights file (config defaults to its folder's).
+
+    A `.caffemodel` needs no config (None: the built-in preset of the original models, see `caffemodel.py`)."""
     path = Path(path)
+    if path.suffix == CAFFEMODEL_SUFFIX and path.is_file():
+        return (Path(config) if config is not None else None), path
     if path.is_dir():
         candidates = [path / name for name in WEIGHT_NAMES if (path / name).is_file()]
         candidates = candidates[:1] or sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
@@ -145,13 +150,18 @@ def load_detector(
     """Build the detector from the port's `config.yaml` and load its checkpoint.
 
     Args:
-        path: a detector directory (`config.yaml` + `pytorch_model.bin` or `*.safetensors`) or a weights file.
+        path: a detector directory (`config.yaml` + `pytorch_model.bin` or `*.safetensors`), a weights file, or an
+            original caffe `.caffemodel` (`caffemodel.load_caffemodel`).
         config: the config file, if not `config.yaml` next to the weights.
         device: where the model goes.
         roi_chunk_size: RoIs per res5 call (memory bound; see `Res5RoIHead`).
     Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies.
     """
     config_path, weights_path = resolve_detector_files(path, config)
+    if weights_path.suffix == CAFFEMODEL_SUFFIX:  # the original caffe weights: their own key map (caffemodel.py)
+        from .caffemodel import load_caffemodel
+
+        return load_caffemodel(weights_path, config_path, device=device, roi_chunk_size=roi_chunk_size)
     cfg = FrcnnConfig.from_yaml(config_path)
     model = build_detector(cfg, roi_chunk_size=roi_chunk_size)
     checkpoint = read_state_dict(weights_path)
