@@ -44,11 +44,13 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UserInputError
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
+from .geometry import CAFFE, check_geometry
 from .loading import CAFFEMODEL_SUFFIX, CONFIG_NAME, LoadReport, _abbreviate, export_port_state_dict, port_key
 from .model import BottomUpFasterRCNN, build_detector
+from .rpn import AnchorGenerator
 
 CONVERTED_WEIGHTS_NAME = "model.safetensors"
 # The real bottom-up-attention model (test.prototxt + experiments/cfgs/faster_rcnn_end2end_resnet.yml): ResNet-101
@@ -340,7 +342,8 @@ class CaffeLoadReport(LoadReport):
     def summary(self) -> str:
         lines = [
             f"detector weights: {self.weights_path} (caffe net {self.net_name!r})",
-            f"detector config:  {self.config_source} ({self.architecture}); geometry: caffe",
+            f"detector config:  {self.config_source} ({self.architecture})",
+            f"detector geometry: {self.geometry} (the original caffe proposal layer: a caffemodel always runs with it)",
             f"loaded {len(self.loaded)} caffe layers ({self.num_values:,} values); missing {len(self.missing)}; "
             f"unknown layers with blobs {len(self.unexpected)}; blob-less layers {len(self.ignored)}",
         ]
@@ -411,8 +414,13 @@ def caffemodel_port_state_dict(
             problems.append(f"{len(report.missing)} missing layers: " + _abbreviate(report.missing))
         if report.mismatched:
             problems.append(f"{len(report.mismatched)} layers that do not fit: " + _abbreviate(report.mismatched))
+        hint = (
+            " (a caffemodel of another architecture needs its port-format config.yaml: --detector-config)"
+            if report.config_path is None
+            else ""
+        )
         raise CheckpointError(
-            f"{net.path} does not fit the {report.config_source} ({cfg.summary()}): " + "; ".join(problems)
+            f"{net.path} does not fit the {report.config_source}{hint} ({cfg.summary()}): " + "; ".join(problems)
         )
     return state
 
@@ -421,18 +429,29 @@ def _shapes(shapes: Sequence[tuple[int, ...]]) -> str:
     return ", ".join("x".join(str(d) for d in shape) or "scalar" for shape in shapes)
 
 
-def _build(cfg: FrcnnConfig, roi_chunk_size: int) -> BottomUpFasterRCNN:
-    return build_detector(cfg, roi_chunk_size=roi_chunk_size)
+class CaffemodelGeometryError(UserInputError):
+    """A `.caffemodel` asked to run with another geometry than `caffe`."""
+
+
+def check_caffemodel_geometry(path: str | Path, geometry: str) -> None:
+    """A caffemodel is the original network: it only runs with the original proposal layer (`caffe`)."""
+    if check_geometry(geometry) != CAFFE:
+        raise CaffemodelGeometryError(
+            f"{path} holds the original caffe network, which runs only with geometry {CAFFE!r}: its RPN channels, "
+            f"anchors and proposal layer are caffe's, and geometry {geometry!r} would decode them with the HF "
+            "port's anchors and proposal layer, i.e. another detector. Drop the geometry setting or set it to caffe."
+        )
 
 
 def read_caffemodel_state(
     path: str | Path, config: str | Path | None = None, roi_chunk_size: int = 512
 ) -> tuple[BottomUpFasterRCNN, dict[str, torch.Tensor], CaffeLoadReport]:
-    """(model with the caffemodel's weights loaded, the full port-layout state dict incl. `bbox_pred`, report)."""
+    """(model with the caffemodel's weights loaded, the full port-layout state dict incl. `bbox_pred` and the port's
+    `cell_anchors`, report). The model runs the `caffe` geometry."""
     path = Path(path)
     cfg = FrcnnConfig.from_yaml(config) if config is not None else CAFFE_RESNET101
     net = read_caffemodel(path)
-    model = _build(cfg, roi_chunk_size)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=CAFFE)
     targets = {port_key(key): tuple(value.shape) for key, value in model.state_dict().items()}
     report = CaffeLoadReport(
         config_path=Path(config) if config is not None else None,  # type: ignore[arg-type]
@@ -440,12 +459,14 @@ def read_caffemodel_state(
         architecture=cfg.summary(),
         config_source=f"config {config}" if config is not None else PRESET_NAME,
         net_name=net.name,
+        geometry=CAFFE,
     )
     state = caffemodel_port_state_dict(net, cfg, targets, report)
     del net
-    # Caffe makes its anchors in the proposal layer; the port-layout buffer gets the config's.
-    anchors_key = port_key("rpn.anchor_generator.cell_anchors")
-    state[anchors_key] = model.rpn.anchor_generator.generate_cell_anchors(cfg.anchor_sizes, cfg.anchor_aspect_ratios)
+    # Caffe makes its anchors in the proposal layer; the port-layout dict gets the port's for the config.
+    state[port_key("rpn.anchor_generator.cell_anchors")] = AnchorGenerator.generate_cell_anchors(
+        cfg.anchor_sizes, cfg.anchor_aspect_ratios
+    )
     model.load_state_dict({key: state[port_key(key)] for key in model.state_dict()}, strict=True)
     return model, state, report
 
@@ -455,23 +476,26 @@ def load_caffemodel(
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
     roi_chunk_size: int = 512,
+    geometry: str = CAFFE,
 ) -> tuple[BottomUpFasterRCNN, CaffeLoadReport]:
-    """Build the detector (the `CAFFE_RESNET101` preset, or `config`, a port-format config.yaml) and load a
-    `.caffemodel` into it. Raises `CheckpointError` naming the file or the layers that do not fit."""
+    """Build the detector (the `CAFFE_RESNET101` preset, or `config`, a port-format config.yaml) with the `caffe`
+    geometry and load a `.caffemodel` into it. Raises `CheckpointError` naming the file or the layers that do not fit,
+    `CaffemodelGeometryError` for another geometry."""
+    check_caffemodel_geometry(path, geometry)
     model, _, report = read_caffemodel_state(path, config, roi_chunk_size)
     return model.to(device), report
 
 
 def convert_caffemodel(path: str | Path, out_dir: str | Path, config: str | Path | None = None) -> CaffeLoadReport:
     """Write `out_dir/config.yaml` + `out_dir/model.safetensors` (the port's format and key names, `bbox_pred` in the
-    port's layout) from a `.caffemodel`, so that the protobuf parse happens once. Loading `out_dir` gives the same
-    network as loading the caffemodel directly."""
+    port's layout, the port's `cell_anchors`, so that the HF port itself also loads it) from a `.caffemodel`, so that
+    the protobuf parse happens once. Loading `out_dir` with geometry `caffe` gives the same network as loading the
+    caffemodel directly (the directory does not record the geometry: pass it)."""
     model, state, report = read_caffemodel_state(path, config)
     cfg = CAFFE_RESNET101 if config is None else FrcnnConfig.from_yaml(config)
     export = export_port_state_dict(model, cfg)
-    for key in ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"):
-        if key in state:
-            export[key] = state[key]
+    kept = ("roi_heads.box_predictor.bbox_pred.", port_key("rpn.anchor_generator.cell_anchors"))
+    export.update({key: value for key, value in state.items() if key.startswith(kept)})
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)

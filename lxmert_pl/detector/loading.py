@@ -156,7 +156,7 @@ def load_detector(
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
     roi_chunk_size: int = 512,
-    geometry: str = DEFAULT_GEOMETRY,
+    geometry: str | None = None,
 ) -> tuple[BottomUpFasterRCNN, LoadReport]:
     """Build the detector from the port's `config.yaml` and load its checkpoint.
 
@@ -166,7 +166,9 @@ def load_detector(
         config: the config file, if not `config.yaml` next to the weights.
         device: where the model goes.
         roi_chunk_size: RoIs per res5 call (memory bound; see `Res5RoIHead`).
-        geometry: "port" or "caffe" proposal geometry (`geometry.py`); the same weights serve both.
+        geometry: "port" or "caffe" proposal geometry (`geometry.py`); the same port-format weights serve both.
+            None: the weights' own, `port` for port-format weights, `caffe` for a `.caffemodel` (which only runs
+            with `caffe`).
     Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies, and
     `UnknownGeometryError` for another geometry name.
     """
@@ -174,7 +176,10 @@ def load_detector(
     if weights_path.suffix == CAFFEMODEL_SUFFIX:  # the original caffe weights: their own key map (caffemodel.py)
         from .caffemodel import load_caffemodel
 
-        return load_caffemodel(weights_path, config_path, device=device, roi_chunk_size=roi_chunk_size)
+        return load_caffemodel(
+            weights_path, config_path, device=device, roi_chunk_size=roi_chunk_size, geometry=geometry or CAFFE
+        )
+    geometry = DEFAULT_GEOMETRY if geometry is None else geometry
     cfg = FrcnnConfig.from_yaml(config_path)
     model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
     checkpoint = read_state_dict(weights_path)
