@@ -2,7 +2,7 @@
 
     python extract.py --images DIR_OR_LISTFILE --out FILE.tsv --detector frcnn-vg-finetuned
                       [--boxes 36 | --min-boxes 10 --max-boxes 100] [--given-boxes BOXES.json]
-                      [--batch-size N] [--devices N] [--device cpu|cuda]
+                      [--batch-size N] [--devices N] [--device cpu|cuda] [--geometry port|caffe]
 
 DIR: the image files directly in it; LISTFILE: one image path per line (relative to the list file). The row id is the
 file name without its extension. The detector is an alias of checkpoints/registry.yaml (`frcnn-vg-finetuned`,
@@ -10,7 +10,9 @@ downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's 
 `pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
 only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
-ones, and images without an entry are skipped.
+ones, and images without an entry are skipped. `--geometry` picks the proposal layer: `caffe` (the original
+bottom-up-attention one, the registry's default for frcnn-vg-finetuned) or `port` (the HF port's; the default for
+demo-frcnn and for detector directories); the run prints the one it used.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import sys
 
 from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction
+from lxmert_pl.detector.geometry import GEOMETRIES, choose_geometry
 from lxmert_pl.detector.selection import BoxSelection
 from lxmert_pl.runs.errors import user_errors
 from lxmert_pl.registry import resolve_checkpoint
@@ -38,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--devices", type=int, default=1, help="worker processes (one GPU each with --device cuda)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--geometry", default=None, choices=GEOMETRIES,
+                        help="proposal geometry (default: the registry's for an alias, else port)")
     args = parser.parse_args(argv)
     adaptive = args.min_boxes is not None or args.max_boxes is not None
     if adaptive and args.boxes is not None:
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors("extract.py"):
         detector = resolve_checkpoint(args.detector)
         print(f"Detector: {detector.describe()}")
+        geometry = choose_geometry(args.geometry, detector.geometry)
         result = run_extraction(
             list_images(args.images),
             args.out,
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             devices=args.devices,
             device=args.device,
             detector_config=args.detector_config,
+            geometry=geometry,
         )
     return 0 if result.written + result.already_done > 0 or not result.skipped else 1
 

@@ -33,11 +33,11 @@ def check_geometry(geometry: str, source: str = "geometry") -> str:
     return geometry
 
 
-def choose_geometry(explicit: str | None, registry_default: str | None = None) -> str:
-    """The geometry a run uses: the explicit choice (a `--geometry` flag, a config key) when given, else the
-    registry's value for the detector alias, else `DEFAULT_GEOMETRY` (`port`). Validated."""
+def choose_geometry(explicit: str | None, registry_default: str | None = None, source: str = "geometry") -> str:
+    """The geometry a run uses: the explicit choice (a `--geometry` flag, a config key named by `source`) when given,
+    else the registry's value for the detector alias, else `DEFAULT_GEOMETRY` (`port`). Validated."""
     if explicit is not None:
-        return check_geometry(explicit)
+        return check_geometry(explicit, source)
     if registry_default is not None:
         return check_geometry(registry_default, "checkpoint registry")
     return DEFAULT_GEOMETRY

@@ -62,7 +62,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         return open_feature_source(paths), f"features: {', '.join(paths)}"
     import numpy as np
 
-    from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, load_detector
+    from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, choose_geometry, load_detector
 
     images = _require_file(data.images, "image folder")
     boxes = None
@@ -70,7 +70,8 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         with open(_require_file(data.boxes, "boxes file"), encoding="utf-8") as f:
             boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
-    detector, report = load_detector(detector_ckpt.path)
+    geometry = choose_geometry(cfg.detector.geometry, detector_ckpt.geometry, "detector.geometry")
+    detector, report = load_detector(detector_ckpt.path, geometry=geometry)
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
     selection = BoxSelection(cfg.detector.min_boxes, cfg.detector.max_boxes)
