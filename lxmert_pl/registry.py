@@ -41,6 +41,7 @@ CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 30.0
 USER_AGENT = f"lxmert_pl/{__version__}"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+CAFFEMODEL_SUFFIX = ".caffemodel"
 
 
 class RegistryError(LxmertPlError):
@@ -95,7 +96,7 @@ class Entry:
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
     """A local checkpoint path; `alias`, `format`, `description` and `geometry` (a detector's default proposal
-    geometry) are None for a path given directly."""
+    geometry) are None for a path given directly (a `.caffemodel` path gets format `frcnn-caffe`, geometry `caffe`)."""
 
     path: Path
     alias: str | None = None
@@ -196,6 +197,8 @@ def resolve_checkpoint(
     """
     candidate = Path(name_or_path).expanduser()
     if candidate.exists():
+        if candidate.suffix == CAFFEMODEL_SUFFIX:  # the original caffe detector: it only runs with its own geometry
+            return ResolvedCheckpoint(path=candidate, format="frcnn-caffe", geometry="caffe")
         return ResolvedCheckpoint(path=candidate)
     registry_path = Path(registry) if registry is not None else DEFAULT_REGISTRY
     entries = load_registry(registry_path)

@@ -344,3 +344,37 @@ def test_registry_aliases_of_the_original_models(tmp_path):
     placed.write_bytes(_files()[0].read_bytes())
     resolved = resolve_checkpoint("frcnn-caffe-36", checkpoints_dir=tmp_path, download=False)
     assert resolved.path == placed and resolved.format == "frcnn-caffe"
+
+
+def test_caffemodel_path_resolves_to_the_caffe_geometry():
+    resolved = resolve_checkpoint(_files()[0], download=False)
+    assert (resolved.format, resolved.geometry) == ("frcnn-caffe", "caffe")
+    assert load_registry()["frcnn-caffe-36"].geometry == "caffe"
+
+
+def test_extract_cli_reproduces_the_caffe_pipeline(tmp_path):
+    """`extract.py --detector FILE.caffemodel --detector-config CONFIG` (no --geometry: a caffemodel means caffe),
+    both images in one batch: the golden fixed36 rows."""
+    from e2e_helpers import run_script
+
+    from lxmert_pl.features.tsv import iter_tsv_features
+
+    caffemodel, config = _files()
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut.png", "coffee.png"):
+        (images / name).write_bytes((caffemodel.parent / name).read_bytes())
+    out = tmp_path / "obj36.tsv"
+    done = run_script("extract.py", "--images", images, "--out", out, "--detector", caffemodel,
+                      "--detector-config", config, "--batch-size", "2", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "geometry: caffe" in done.stdout and "loaded 167 caffe layers" in done.stdout
+    data = np.load(caffemodel.parent / "tiny_caffemodel_outputs.npz")
+    rows = {row.img_id: row for row in iter_tsv_features(out)}
+    for i, name in enumerate(("astronaut", "coffee")):
+        row, p = rows[name], f"img{i}_fixed36_"
+        np.testing.assert_array_equal(row.objects_id, data[p + "objects_id"])
+        np.testing.assert_array_equal(row.attrs_id, data[p + "attrs_id"])
+        np.testing.assert_allclose(row.objects_conf, data[p + "objects_conf"], atol=2e-5, rtol=0)
+        np.testing.assert_allclose(row.boxes, data[p + "boxes"], atol=1e-2, rtol=0)
+        np.testing.assert_allclose(row.features, data[p + "features"], atol=1e-4, rtol=0)
