@@ -7,8 +7,9 @@
 DIR: the image files directly in it; LISTFILE: one image path per line (relative to the list file). The row id is the
 file name without its extension. The detector is an alias of checkpoints/registry.yaml (`frcnn-vg-finetuned`,
 downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's format (`config.yaml` +
-`pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
-only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
+`pytorch_model.bin` or `*.safetensors`), or an original bottom-up-attention `.caffemodel` (`frcnn-caffe-36`:
+LXMERT's obj36 extraction; `--detector-config` for another architecture than the real one; always the caffe
+geometry). Rerunning the same command after an interruption extracts only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
 ones, and images without an entry are skipped. `--geometry` picks the proposal layer: `caffe` (the original
 bottom-up-attention one, the registry's default for frcnn-vg-finetuned) or `port` (the HF port's; the default for
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, help="image folder or list file")
     parser.add_argument("--out", required=True, help="output TSV (appended to when it exists)")
     parser.add_argument("--detector", required=True,
-                        help="registry alias (frcnn-vg-finetuned, demo-frcnn) or detector directory / weights file")
+                        help="registry alias (frcnn-vg-finetuned, frcnn-caffe-36, demo-frcnn) or detector directory / "
+                             "weights file / .caffemodel")
     parser.add_argument("--detector-config", default=None, help="config.yaml, if not next to the weights")
     parser.add_argument("--boxes", type=int, default=None, help="fixed number of boxes per image (default 36)")
     parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at least this many boxes (10)")
