@@ -21,7 +21,6 @@ from lxmert_pl.detector.caffemodel import (
     _batchnorm,
     block_name,
     caffe_layer_map,
-    convert_caffemodel,
     read_caffemodel,
     read_caffemodel_state,
 )
@@ -99,7 +98,8 @@ def test_batchnorm_factor_zero_gives_zero_statistics():
     """caffe batch_norm_layer.cpp: scale = (f == 0) ? 0 : 1 / f."""
     blobs = [torch.tensor([2.0, 4.0]), torch.tensor([8.0, 6.0]), torch.tensor([0.0])]
     zero = _batchnorm(blobs, CAFFE_RESNET101)
-    assert torch.equal(zero["norm.running_mean"], torch.zeros(2)) and torch.equal(zero["norm.running_var"], torch.zeros(2))
+    assert torch.equal(zero["norm.running_mean"], torch.zeros(2))
+    assert torch.equal(zero["norm.running_var"], torch.zeros(2))
     blobs[2] = torch.tensor([2.0])
     assert torch.equal(_batchnorm(blobs, CAFFE_RESNET101)["norm.running_var"], torch.tensor([4.0, 3.0]))
 
@@ -304,13 +304,14 @@ def test_convert_then_load_gives_the_same_network(golden_run, tmp_path):
     from lxmert_pl.detector.__main__ import main
 
     caffemodel, config = _files()
-    assert main(["convert", str(caffemodel), "--out", str(tmp_path / "converted"), "--detector-config", str(config)]) == 0
-    converted, report = load_detector(tmp_path / "converted", geometry="caffe")
+    out = tmp_path / "converted"
+    assert main(["convert", str(caffemodel), "--out", str(out), "--detector-config", str(config)]) == 0
+    converted, report = load_detector(out, geometry="caffe")
     assert report.geometry == "caffe" and not report.missing and not report.unexpected
     direct = golden_run["model"].state_dict()
     assert converted.state_dict().keys() == direct.keys()
     assert all(torch.equal(value, direct[key]) for key, value in converted.state_dict().items())
-    saved = read_state_dict(tmp_path / "converted" / "model.safetensors")
+    saved = read_state_dict(out / "model.safetensors")
     assert saved["roi_heads.box_predictor.bbox_pred.weight"].shape == (6400, 128)  # kept, in the port's layout
 
 

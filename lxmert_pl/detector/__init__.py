@@ -17,6 +17,7 @@ the weights which geometry they were trained with (`python -m lxmert_pl.detector
 """
 
 from .caffe_proposals import CaffeAnchorGenerator, CaffeProposalLayer, caffe_fg_probability, caffe_nms
+from .caffemodel import CAFFE_RESNET101, CaffeLoadReport, convert_caffemodel, load_caffemodel, read_caffemodel
 from .config import FrcnnConfig
 from .geometry import DEFAULT_GEOMETRY, GEOMETRIES, UnknownGeometryError, check_geometry, choose_geometry
 from .image_source import ExtractionFailedError, ImageFolderFeatureSource
@@ -29,12 +30,14 @@ from .tiny import save_tiny_detector
 
 __all__ = [
     "ADAPTIVE_10_100",
-    "OBJ36",
+    "CAFFE_RESNET101",
     "DEFAULT_GEOMETRY",
     "GEOMETRIES",
+    "OBJ36",
     "BottomUpFasterRCNN",
     "BoxSelection",
     "CaffeAnchorGenerator",
+    "CaffeLoadReport",
     "CaffePreprocess",
     "CaffeProposalLayer",
     "CheckpointError",
@@ -52,8 +55,11 @@ __all__ = [
     "caffe_nms",
     "check_geometry",
     "choose_geometry",
+    "convert_caffemodel",
     "load_box_regressor",
+    "load_caffemodel",
     "load_detector",
+    "read_caffemodel",
     "read_image",
     "save_tiny_detector",
     "select_boxes",

@@ -5,7 +5,8 @@ bottom-up-attention fork uses the same numbers for every field declared here). O
 are declared; every other field (layer parameters, ParamSpecs, fillers, ...) is skipped by the protobuf library
 itself as an unknown field, by its wire type. Field numbers:
 
-    NetParameter      name 1, input 3, input_shape 8 (BlobShape), layer 100 (LayerParameter), layers 2 (V1LayerParameter)
+    NetParameter      name 1, input 3, input_shape 8 (BlobShape), layer 100 (LayerParameter),
+                      layers 2 (V1LayerParameter)
     LayerParameter    name 1, type 2 (string), bottom 3, top 4, blobs 7 (BlobProto)
     V1LayerParameter  bottom 2, top 3, name 4, type 5 (enum LayerType, read as int32), blobs 6
     BlobProto         shape 7 (BlobShape), data 5 (packed float), diff 6, double_data 8 (packed double),

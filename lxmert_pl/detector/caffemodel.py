@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from ..errors import CheckpointError, UserInputError
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
-from .loading import CAFFEMODEL_SUFFIX, CONFIG_NAME, LoadReport, _abbreviate, export_port_state_dict, port_key
+from .loading import CONFIG_NAME, LoadReport, _abbreviate, export_port_state_dict, port_key
 from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
