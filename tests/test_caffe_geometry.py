@@ -294,3 +294,21 @@ def test_extract_flag_overrides_the_registry_default(monkeypatch, tmp_path):
 
 class _Result:
     written, already_done, skipped = 0, 0, []
+
+
+@pytest.mark.parametrize(("key", "expected"), [(None, "port"), ("caffe", "caffe"), ("port", "port")])
+def test_eval_detector_geometry_key(tmp_path, key, expected):
+    """eval's `detector.geometry` (null: the registry's value for the alias) reaches the detector."""
+    if not (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
+        pytest.skip("bundled demo detector absent (checkpoints/demo/frcnn)")
+    from omegaconf import OmegaConf
+
+    from lxmert_pl.runs.evaluate import build_feature_source
+
+    cfg = OmegaConf.create({
+        "data": {"source": "images", "features": [], "images": str(REPO_ROOT / "data" / "sample" / "images" / "val"),
+                 "boxes": None},
+        "detector": {"ckpt": "demo-frcnn", "geometry": key, "min_boxes": 36, "max_boxes": 36, "cache": False},
+    })
+    source, _ = build_feature_source(cfg, tmp_path)
+    assert source.detector.geometry == expected

@@ -320,7 +320,9 @@ def test_convert_command_reports_a_user_error_in_one_line(tmp_path, capsys):
 
     path = tmp_path / "broken.caffemodel"
     path.write_bytes(b"\x0a\xff\xff")
-    assert main(["convert", str(path), "--out", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
     assert f"error: {path} is not a readable caffemodel" in capsys.readouterr().err
 
 

@@ -64,12 +64,8 @@ class CaffeAnchorGenerator(nn.Module):
         rows = []
         for w, h in zip(ratio_ws, ratio_hs, strict=True):
             ws, hs = w * scales, h * scales
-            rows.append(
-                np.stack(
-                    [centre - 0.5 * (ws - 1), centre - 0.5 * (hs - 1), centre + 0.5 * (ws - 1), centre + 0.5 * (hs - 1)],
-                    axis=1,
-                )
-            )
+            half_w, half_h = 0.5 * (ws - 1), 0.5 * (hs - 1)
+            rows.append(np.stack([centre - half_w, centre - half_h, centre + half_w, centre + half_h], axis=1))
         return np.concatenate(rows, axis=0)
 
     @property

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
-from ..errors import CheckpointError  # noqa: F401  (re-exported)
 from torch import nn
 
+from ..errors import CheckpointError  # noqa: F401  (re-exported)
 from .config import FrcnnConfig
 from .geometry import CAFFE, DEFAULT_GEOMETRY, PORT
 from .model import BottomUpFasterRCNN, build_detector
