@@ -381,3 +381,11 @@ def test_extract_cli_reproduces_the_caffe_pipeline(tmp_path):
         np.testing.assert_allclose(row.objects_conf, data[p + "objects_conf"], atol=2e-5, rtol=0)
         np.testing.assert_allclose(row.boxes, data[p + "boxes"], atol=1e-2, rtol=0)
         np.testing.assert_allclose(row.features, data[p + "features"], atol=1e-4, rtol=0)
+
+
+def test_probe_of_a_caffemodel_says_to_convert_first(tmp_path, capsys):
+    from lxmert_pl.detector.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["probe", "--detector", str(_files()[0]), "--images", str(tmp_path)])
+    assert exit_info.value.code == 2 and "convert it first" in capsys.readouterr().err

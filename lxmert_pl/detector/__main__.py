@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lxmert_pl.errors import CheckpointError
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.runs.errors import user_errors
 
@@ -52,6 +53,11 @@ def _probe(args: argparse.Namespace) -> None:
 
     detector = resolve_checkpoint(args.detector)
     print(f"Detector: {detector.describe()}")
+    if detector.format == "frcnn-caffe":  # runs only with the caffe geometry; its port-format copy runs with both
+        raise CheckpointError(
+            f"{detector.path} is a caffemodel, which runs only with the caffe geometry; to probe its weights under "
+            f"both geometries convert it first ({PROGRAM} convert {detector.path} --out DIR) and probe DIR"
+        )
     if detector.geometry is not None:
         print(f"registry default geometry for {detector.alias}: {detector.geometry}")
     report = probe_detector(
