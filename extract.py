@@ -3,34 +3,40 @@
 
     python extract.py --images DIR_OR_LISTFILE --out FILE.tsv --detector frcnn-vg-finetuned
                       [--boxes 36 | --min-boxes 10 --max-boxes 100] [--given-boxes BOXES.json]
-                      [--batch-size N] [--accelerator cpu|gpu] [--devices N] [key=value ...]
+                      [--batch-size N] [--accelerator cpu|gpu] [--devices N] [--geometry port|caffe] [key=value ...]
 
 DIR: the image files directly in it; LISTFILE: one image path per line (relative to the list file). The row id is the
 file name without its extension. The detector is an alias of checkpoints/registry.yaml (`frcnn-vg-finetuned`,
 downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's format (`config.yaml` +
-`pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
-only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
+`pytorch_model.bin` or `*.safetensors`), or an original bottom-up-attention `.caffemodel` (`frcnn-caffe-36`:
+LXMERT's obj36 extraction; `--detector-config` for another architecture than the real one; always the caffe
+geometry). Rerunning the same command after an interruption extracts only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
-ones, and images without an entry are skipped. Config: configs/extract.yaml.
+ones, and images without an entry are skipped. `--geometry` picks the proposal layer: `caffe` (the original
+bottom-up-attention one, the registry's default for frcnn-vg-finetuned) or `port` (the HF port's; the default for
+demo-frcnn and for detector directories); the run prints the one it used. Config: configs/extract.yaml.
 """
 
 from __future__ import annotations
 
 import sys
 
+from lxmert_pl.detector.geometry import GEOMETRIES
 from lxmert_pl.errors import ConfigError
 from lxmert_pl.runs.cli import ACCELERATOR, DEVICES, NUM_NODES, Command, Flag, positive_int
 
 FLAGS = [
     Flag("--images", "images", "image folder or list file"),
     Flag("--out", "out", "output TSV (resumed when it exists)"),
-    Flag("--detector", "detector.ckpt", "registry alias (frcnn-vg-finetuned, demo-frcnn) or detector directory / file"),
+    Flag("--detector", "detector.ckpt", "registry alias (frcnn-vg-finetuned, frcnn-caffe-36, demo-frcnn), directory, weights file or .caffemodel"),
     Flag("--detector-config", "detector.config", "config.yaml, if not next to the weights"),
     Flag("--boxes", None, "fixed number of boxes per image (default 36; sets min and max)", type=positive_int),
     Flag("--min-boxes", "detector.min_boxes", "adaptive: at least this many boxes (10)", type=positive_int),
     Flag("--max-boxes", "detector.max_boxes", "adaptive: at most this many boxes (100)", type=positive_int),
     Flag("--given-boxes", "given_boxes", "JSON {img_id: [[x1, y1, x2, y2], ...]}: pool these boxes"),
     Flag("--batch-size", "detector.batch_size", "images per forward pass", type=positive_int),
+    Flag("--geometry", "detector.geometry", "proposal geometry (default: the registry's for an alias, else port)",
+         choices=GEOMETRIES),
     ACCELERATOR, DEVICES, NUM_NODES,
 ]
 

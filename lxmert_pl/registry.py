@@ -43,7 +43,7 @@ from lxmert_pl.hub import HubRef, HubUnavailableError, fetch_hub_files, parse_hu
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf")
+FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf", "frcnn-caffe")
 BUNDLED = "bundled"
 ENV_CHECKPOINTS = "LXMERT_PL_CHECKPOINTS"
 REPO_CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -53,6 +53,7 @@ DEFAULT_TIMEOUT_S = 30.0
 USER_AGENT = f"lxmert_pl/{__version__}"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HUB_URL_RE = re.compile(r"https?://(www\.)?(huggingface\.co|hf\.co)/")
+CAFFEMODEL_SUFFIX = ".caffemodel"
 
 
 class RegistryError(LxmertPlError):
@@ -92,6 +93,8 @@ class Entry:
     `downloads` is empty for bundled, hub and manual-only entries; `bundled_dir` is set only for bundled entries (the
     folder holding the registry file); `manual` is a page to fetch the checkpoint from by hand; `hub` is set only for
     Hugging Face Hub entries (their `file` is the repo id: they live in the HF cache, not the checkpoints folder).
+    `geometry` is a detector's default proposal geometry ("port" or "caffe", see `lxmert_pl.detector.geometry`), None
+    otherwise.
     """
 
     alias: str
@@ -102,6 +105,7 @@ class Entry:
     bundled_dir: Path | None = None
     manual: str | None = None
     hub: HubRef | None = None
+    geometry: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,15 @@ class ResolvedCheckpoint:
     """A local checkpoint path; `alias`, `format` and `description` are None for a path given directly.
 
     `source` says where a Hub checkpoint came from, as `hf://ORG/NAME@COMMIT` (the commit the cache holds); None for
-    everything else.
+    everything else. `geometry` is a detector's default proposal geometry (None for a path given directly;
+    a `.caffemodel` path gets format `frcnn-caffe`, geometry `caffe`).
     """
 
     path: Path
     alias: str | None = None
     format: str | None = None
     description: str | None = None
+    geometry: str | None = None
     source: str | None = None
 
     @property
@@ -162,13 +168,17 @@ def _parse_entry(alias: str, fields: Any, registry_path: Path) -> Entry:
         raise RegistryError(f"{where}: needs at least `file` (or `hub`), `format` and `description`")
     if fields["format"] not in FORMATS:
         raise RegistryError(f"{where}: format {fields['format']!r} is not one of {', '.join(FORMATS)}")
+    geometry = fields.get("geometry")
+    if geometry is not None and not isinstance(geometry, str):
+        raise RegistryError(f"{where}: `geometry` must be a detector geometry name (port or caffe), got {geometry!r}")
     if "hub" in fields:
         if fields.get("source") is not None:
             raise RegistryError(f"{where}: give either `hub` or `source`, not both")
         hub = _hub_ref(where, fields["hub"])
         return Entry(alias=alias, file=hub.repo_id, format=fields["format"], description=fields["description"],
-                     hub=hub)
-    entry = Entry(alias=alias, file=str(fields["file"]), format=fields["format"], description=fields["description"])
+                     hub=hub, geometry=geometry)
+    entry = Entry(alias=alias, file=str(fields["file"]), format=fields["format"], description=fields["description"],
+                  geometry=geometry)
     source = fields.get("source")
     if source == BUNDLED:
         return replace(entry, bundled_dir=registry_path.parent.resolve())
@@ -239,6 +249,8 @@ def resolve_checkpoint(
     """
     candidate = Path(name_or_path).expanduser()
     if candidate.exists():
+        if candidate.suffix == CAFFEMODEL_SUFFIX:  # the original caffe detector: it only runs with its own geometry
+            return ResolvedCheckpoint(path=candidate, format="frcnn-caffe", geometry="caffe")
         return ResolvedCheckpoint(path=candidate)
     registry_path = Path(registry) if registry is not None else DEFAULT_REGISTRY
     entries = load_registry(registry_path)
@@ -260,7 +272,7 @@ def resolve_checkpoint(
     root = entry.bundled_dir or Path(checkpoints_dir or default_checkpoints_dir()).expanduser()
     _fetch_missing(entry, root, download=download, progress=progress)
     return ResolvedCheckpoint(path=root / entry.file, alias=entry.alias, format=entry.format,
-                              description=entry.description)
+                              description=entry.description, geometry=entry.geometry)
 
 
 def _resolve_hub(ref: HubRef, entry: Entry | None, *, download: bool, progress: bool) -> ResolvedCheckpoint:
@@ -274,7 +286,8 @@ def _resolve_hub(ref: HubRef, entry: Entry | None, *, download: bool, progress: 
         logger.info("%s: revision %s is not pinned; the cache holds commit %s", ref.repo_id, ref.revision, commit)
     return ResolvedCheckpoint(path=snapshot, alias=entry.alias if entry else None,
                               format=entry.format if entry else None,
-                              description=entry.description if entry else None, source=ref.uri(commit))
+                              description=entry.description if entry else None,
+                              geometry=entry.geometry if entry else None, source=ref.uri(commit))
 
 
 def _fetch_missing(entry: Entry, root: Path, *, download: bool, progress: bool) -> None:

@@ -68,7 +68,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         paths = [str(p) for p in expand_feature_paths(list(data.features))]
         return open_feature_source(paths), f"features: {', '.join(paths)}"
 
-    from lxmert_pl.detector import ImageFolderFeatureSource, load_detector
+    from lxmert_pl.detector import ImageFolderFeatureSource, choose_geometry, load_detector
     from lxmert_pl.detector.extraction import load_given_boxes
     from lxmert_pl.runs.extraction import box_selection
 
@@ -81,7 +81,8 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         raise NotADirectoryError(f"--images must be a folder of images, got a file: {images}")
     boxes = load_given_boxes(data.given_boxes) if data.given_boxes else None
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
-    detector, report = load_detector(detector_ckpt.path, config=cfg.detector.config)
+    geometry = choose_geometry(cfg.detector.geometry, detector_ckpt.geometry, "detector.geometry")
+    detector, report = load_detector(detector_ckpt.path, config=cfg.detector.config, geometry=geometry)
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
     selection = box_selection(cfg.detector)

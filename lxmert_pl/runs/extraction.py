@@ -9,6 +9,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from lxmert_pl.detector.extraction import ExtractionResult, list_images, load_given_boxes, run_extraction
+from lxmert_pl.detector.geometry import choose_geometry
 from lxmert_pl.detector.selection import BoxSelection
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.registry import resolve_checkpoint
@@ -35,6 +36,7 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     detector = resolve_checkpoint(str(cfg.detector.ckpt))
     say(f"Detector: {detector.describe()}")
+    geometry = choose_geometry(cfg.detector.geometry, detector.geometry, "--geometry")
     paths = list_images(cfg.images)
     if not paths:
         raise UserInputError(f"no images found in {cfg.images} (image files directly in the folder, or a list file)")
@@ -48,6 +50,7 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
         devices=int(cfg.trainer.devices),
         device=device,
         detector_config=cfg.detector.config,
+        geometry=geometry,
     )
     if result.written + result.already_done == 0 and result.skipped:
         raise UserInputError(f"no image could be extracted ({len(result.skipped)} skipped, see the list above)")
