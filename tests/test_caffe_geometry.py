@@ -281,19 +281,21 @@ def test_extract_flag_overrides_the_registry_default(monkeypatch, tmp_path):
     """`--geometry` wins over the registry; without it the alias's registry value is used."""
     if not (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
         pytest.skip("bundled demo detector absent (checkpoints/demo/frcnn)")
+    from lxmert_pl.runs import extraction as extraction_run
+
     seen = []
-    monkeypatch.setattr(extract, "run_extraction", lambda *a, **k: seen.append(k["geometry"]) or _Result())
-    monkeypatch.setattr(extract, "list_images", lambda images: [])
+    monkeypatch.setattr(extraction_run, "run_extraction", lambda *a, **k: seen.append(k["geometry"]) or _Result())
+    monkeypatch.setattr(extraction_run, "list_images", lambda images: ["x.png"])
     base = ["--images", str(tmp_path), "--out", str(tmp_path / "o.tsv"), "--detector", "demo-frcnn"]
     extract.main(base)
     extract.main([*base, "--geometry", "caffe"])
     assert seen == ["port", "caffe"]
     with pytest.raises(SystemExit):
-        extract.parse_args([*base, "--geometry", "cafe"])
+        extract.COMMAND.compose([*base, "--geometry", "cafe"])
 
 
 class _Result:
-    written, already_done, skipped = 0, 0, []
+    written, already_done, skipped = 1, 0, []
 
 
 @pytest.mark.parametrize(("key", "expected"), [(None, "port"), ("caffe", "caffe"), ("port", "port")])
@@ -301,14 +303,10 @@ def test_eval_detector_geometry_key(tmp_path, key, expected):
     """eval's `detector.geometry` (null: the registry's value for the alias) reaches the detector."""
     if not (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
         pytest.skip("bundled demo detector absent (checkpoints/demo/frcnn)")
-    from omegaconf import OmegaConf
-
     from lxmert_pl.runs.evaluate import build_feature_source
 
-    cfg = OmegaConf.create({
-        "data": {"source": "images", "features": [], "images": str(REPO_ROOT / "data" / "sample" / "images" / "val"),
-                 "boxes": None},
-        "detector": {"ckpt": "demo-frcnn", "geometry": key, "min_boxes": 36, "max_boxes": 36, "cache": False},
-    })
+    from lxmert_pl.runs.config import compose
+
+    cfg = compose("eval", flags={"data.source": "images", "detector.geometry": key, "detector.cache": False})
     source, _ = build_feature_source(cfg, tmp_path)
     assert source.detector.geometry == expected
