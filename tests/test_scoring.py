@@ -67,3 +67,16 @@ def test_scorer_without_matching_head_gives_cosine(model):
     np.testing.assert_allclose(res.cosine, ref.cosine, atol=1e-6)
     with pytest.raises(RuntimeError, match="cosine"):
         res.scores("itm")
+
+
+def test_feature_width_mismatch_is_a_user_error():
+    import dataclasses
+
+    from lxmert_pl.errors import UserInputError
+
+    model = LxmertMatchingModel(dataclasses.replace(get_preset("tiny"), visual_feat_dim=8)).eval()
+    batch = {"img_id": ["img_0"], "features": torch.zeros(1, 3, 5), "boxes": torch.zeros(1, 3, 4),
+             "box_mask": torch.ones(1, 3, dtype=torch.long), "input_ids": torch.zeros(1, 4, dtype=torch.long),
+             "attention_mask": torch.ones(1, 4, dtype=torch.long), "token_type_ids": torch.zeros(1, 4, dtype=torch.long)}
+    with pytest.raises(UserInputError, match="5 wide .*img_0.*visual_feat_dim=8"):
+        forward_batch(model, batch)
