@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lxmert_pl.features.tsv import TsvWriter
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features import ImageFeatures, TsvWriter
 
 ARRAY_FIELDS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf", "boxes", "features")
 
@@ -77,6 +77,20 @@ def assert_same_bits(actual: ImageFeatures | dict, expected: ImageFeatures) -> N
         value, reference = get(name), getattr(expected, name)
         assert value.dtype == reference.dtype and value.shape == reference.shape, name
         assert value.tobytes() == reference.tobytes(), name
+
+
+def raw_tsv_line(record: ImageFeatures) -> str:
+    """The TSV line of `record` built without the library's encoder, which refuses invalid records: for writing
+    the rows another tool might write (boxes outside the image ...)."""
+    def b64(array: np.ndarray, dtype: str) -> str:
+        return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+    fields = [
+        record.img_id, str(record.img_h), str(record.img_w), b64(record.objects_id, "<i8"),
+        b64(record.objects_conf, "<f4"), b64(record.attrs_id, "<i8"), b64(record.attrs_conf, "<f4"),
+        str(record.num_boxes), b64(record.boxes, "<f4"), b64(record.features, "<f4"),
+    ]  # fmt: skip
+    return "\t".join(fields) + "\n"
 
 
 def tsv_lines(path: Path) -> list[str]:

@@ -13,7 +13,7 @@ from helpers_features import assert_same_bits, tsv_lines, write_synthetic_tsv
 from lxmert_pl.features.__main__ import main as features_cli
 from lxmert_pl.features.sources import MergedFeatureSource, open_feature_source
 from lxmert_pl.features.store import FeatureStore, convert_tsvs_to_store
-from lxmert_pl.features.tsv import (
+from lxmert_pl.features import (
     DuplicateImageIdError,
     FeatureFileError,
     MissingImageError,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from helpers_features import assert_same_bits, make_image_features, tsv_lines, write_synthetic_tsv
 
-from lxmert_pl.features import tsv as tsv_module
+from lxmert_pl.features import index as index_module
 from lxmert_pl.features.__main__ import main as features_cli
 from lxmert_pl.features.sources import open_feature_source
-from lxmert_pl.features.tsv import (
+from lxmert_pl.features import (
     FIELDNAMES,
     DuplicateImageIdError,
     FeatureFileError,
@@ -27,11 +27,11 @@ from lxmert_pl.features.tsv import (
     TsvWriter,
     decode_row,
     encode_row,
-    index_locations,
     read_img_ids,
     repair_truncated,
 )
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features.index import index_locations
+from lxmert_pl.features.record import ImageFeatures
 
 
 def original_load_obj_tsv(path: Path) -> list[dict]:
@@ -221,7 +221,7 @@ def test_index_is_saved_beside_the_tsv_and_reused(small_tsv, monkeypatch):
     def no_scan(_path):
         raise AssertionError("the saved index should have been reused")
 
-    monkeypatch.setattr(tsv_module, "build_index", no_scan)
+    monkeypatch.setattr(index_module, "build_index", no_scan)
     assert TsvReader(path).get("img4").img_id == "img4"
 
 
@@ -258,7 +258,7 @@ def test_stale_index_with_matching_size_and_mtime_is_caught_on_read(small_tsv):
 def test_index_goes_to_the_cache_dir_when_the_folder_is_read_only(small_tsv, tmp_path, monkeypatch):
     path, records = small_tsv
     writes = []
-    real_write = tsv_module._write_atomically
+    real_write = index_module.write_atomically
 
     def write_unless_beside_the_tsv(target: Path, text: str) -> None:
         writes.append(target)
@@ -266,13 +266,13 @@ def test_index_goes_to_the_cache_dir_when_the_folder_is_read_only(small_tsv, tmp
             raise PermissionError(13, "Permission denied", str(target))
         real_write(target, text)
 
-    monkeypatch.setattr(tsv_module, "_write_atomically", write_unless_beside_the_tsv)
+    monkeypatch.setattr(index_module, "write_atomically", write_unless_beside_the_tsv)
     cache = tmp_path / "cache"
     reader = TsvReader(path, cache_dir=cache)
     assert reader.index_path.parent == cache and reader.index_path == index_locations(path, cache)[1]
     assert writes == index_locations(path, cache)
     assert_same_bits(reader.get("img5"), records[5])
-    monkeypatch.setattr(tsv_module, "build_index", lambda _path: pytest.fail("cached index not reused"))
+    monkeypatch.setattr(index_module, "build_index", lambda _path: pytest.fail("cached index not reused"))
     assert TsvReader(path, cache_dir=cache).index_path.parent == cache
 
 

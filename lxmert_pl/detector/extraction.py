@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids, repair_truncated
-from ..features.types import ImageFeatures
+from ..features.lines import repair_truncated
+from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
+from ..features.record import ImageFeatures
 from .loading import load_detector
 from .model import BottomUpFasterRCNN, validate_boxes
 from .preprocess import ImageReadError, read_image

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..features.tsv import MissingImageError, TsvReader, TsvWriter, read_img_ids, repair_truncated
-from ..features.types import ImageFeatures
+from ..features.errors import MissingImageError
+from ..features.lines import repair_truncated
+from ..features.tsv import TsvReader, TsvWriter, read_img_ids
+from ..features.record import ImageFeatures
 from .extraction import extract_batches, image_id, list_images
 from .loading import load_detector
 from .model import BottomUpFasterRCNN

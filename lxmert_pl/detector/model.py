@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.ops import RoIPool
 
-from ..features.types import ImageFeatures
+from ..features.record import ImageFeatures
 from .backbone import ResNetC4, build_backbone
 from .config import FrcnnConfig
 from .preprocess import CaffePreprocess, read_image

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from lxmert_pl.features.sources import FeatureSource, open_feature_source
-from lxmert_pl.features.tsv import MissingImageError
+from lxmert_pl.features.errors import MissingImageError
 from lxmert_pl.pairs.builder import (
     DEFAULT_KMEANS_ITERS,
     DEFAULT_POOL_FACTOR,
