@@ -25,10 +25,19 @@ from lxmert_pl.detector import (
     load_detector,
     save_tiny_detector,
 )
-from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction, shard_path, skipped_path
+from lxmert_pl.detector.extraction import (
+    clip_to_image,
+    detector_file_digests,
+    extraction_settings,
+    list_images,
+    load_given_boxes,
+    run_extraction,
+    shard_path,
+    skipped_path,
+)
 from lxmert_pl.detector.tiny import synthetic_image
 from lxmert_pl.features.sources import FeatureSource
-from lxmert_pl.features.tsv import MissingImageError, TsvWriter, iter_tsv_features, read_img_ids
+from lxmert_pl.features import MissingImageError, TsvWriter, iter_tsv_features, read_img_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"img_{k}" for k in range(6)]
@@ -170,9 +179,11 @@ def test_devices_shard_and_merge_in_input_order(detector_dir, image_dir, tmp_pat
 
 def test_leftover_shards_of_a_killed_sharded_run_are_merged(detector_dir, image_dir, tmp_path):
     out = tmp_path / "feats.tsv"
-    model, _ = load_detector(detector_dir)
+    model, report = load_detector(detector_dir)
+    settings = extraction_settings(model, str(detector_dir), detector_file_digests(report), OBJ36, None, None)
     first, second = model.extract([image_dir / "img_0.png", image_dir / "img_3.png"])
-    with TsvWriter(out) as writer:
+    first, second = clip_to_image(first), clip_to_image(second)
+    with TsvWriter(out, settings=settings) as writer:  # what the killed run had written, with its settings
         writer.write(first)
     with TsvWriter(shard_path(out, 1)) as writer:
         writer.write(first)  # already in the output: must not be duplicated

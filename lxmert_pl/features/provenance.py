@@ -2,7 +2,7 @@
 `<file>.meta.json`, so that rows made otherwise are never appended to it (silent mixing).
 
 `ExtractionSettings` records the detector (the name it was given by and the sha256 of its config and weights
-files), the detector geometry, the box selection or the given boxes (with the sha256 of the boxes file), the
+files), the detector geometry, the box selection or the given boxes (with the sha256 of the boxes), the
 precision, the test scale (shorter/longer side) and the lxmert_pl version. `claim_tsv` is called before rows are
 added: a file without rows gets the sidecar; a file with rows must have a sidecar with the same settings, else
 `ProvenanceMismatchError` lists the differing fields. A TSV without a sidecar (the released ones, files of older
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lxmert_pl import __version__
@@ -50,7 +50,7 @@ def sidecar_path(tsv_path: str | Path) -> Path:
 class ExtractionSettings:
     """Everything that determines the rows an extraction writes (see the module docstring).
 
-    `min_boxes`/`max_boxes` are None when boxes are given. `given_boxes_sha256` is the hash of the given-boxes file
+    The selection (`min_boxes`, `max_boxes`, `nms_thresh`, `conf_thresh`) is None when boxes are given. `given_boxes_sha256` is the hash of the given-boxes file
     (None without one, or where boxes are keyed per image, as in the one-step cache). `geometry` and `precision`
     default to the detector's defaults, so that callers pass only what they set.
     """
@@ -59,6 +59,8 @@ class ExtractionSettings:
     detector_sha256: dict[str, str]  # file name -> sha256 of the detector's config and weights files
     min_boxes: int | None
     max_boxes: int | None
+    nms_thresh: float | None
+    conf_thresh: float | None
     test_min_size: int
     test_max_size: int
     given_boxes: bool = False
@@ -66,7 +68,6 @@ class ExtractionSettings:
     geometry: str = "port"
     precision: str = "fp32"
     lxmert_pl_version: str = __version__
-    extra: dict[str, str] = field(default_factory=dict)  # further settings a caller wants recorded and compared
 
     def to_json(self) -> str:
         return json.dumps(
