@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +99,28 @@ def raw_tsv_line(record: ImageFeatures) -> str:
 def tsv_lines(path: Path) -> list[str]:
     """The lines of a text file, terminators kept."""
     return path.read_text().splitlines(keepends=True)
+
+
+@contextmanager
+def lock_held_by_another_process(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the writer's lock of `path` (`<path>.lock`, fcntl.flock), as a running extract.py
+    does; the process is SIGKILLed on exit (the OS then drops its lock)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path) + ".lock"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+
+
+_HOLD_LOCK = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)

@@ -22,7 +22,7 @@ from lxmert_pl.data import (
     collate_matching,
 )
 from lxmert_pl.features.sources import open_feature_source
-from lxmert_pl.features import FeatureFileError, TsvWriter
+from lxmert_pl.features import FeatureFileError
 from lxmert_pl.pairs.io import Pair
 from lxmert_pl.tokenizer import LxmertTokenizer
 

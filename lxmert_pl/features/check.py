@@ -1,4 +1,7 @@
-"""`check_tsv`: decode every row of a feature TSV and report what is wrong (CLI: `python -m lxmert_pl.features check`)."""
+"""`check_tsv`: decode every row of a feature TSV and report what is wrong.
+
+CLI: `python -m lxmert_pl.features check PATH.tsv`.
+"""
 
 from __future__ import annotations
 

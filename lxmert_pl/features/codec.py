@@ -58,7 +58,8 @@ def decode_row(line: str | bytes, *, path: str | Path | None = None, line_no: in
 
     Raises FeatureFileError naming `path:line_no` (and the img_id once known) for a wrong field count, a
     non-integer or non-positive size field, invalid base64, a byte length that does not match `num_boxes`, or
-    NaN/inf in `boxes` or `features`, or boxes that are inverted or leave the image. Arrays are read-only views of the decoded bytes, as in the original loader.
+    NaN/inf in `boxes` or `features`, or boxes that are inverted or leave the image. Arrays are read-only views of
+    the decoded bytes, as in the original loader.
     """
     where = _location(path, line_no)
     fields = _split_fields(line.encode("utf-8") if isinstance(line, str) else bytes(line), where)
@@ -211,7 +212,7 @@ def encode_row(feat: ImageFeatures) -> str:
     """One TSV line, trailing "\\n" included, that `decode_row` and the original loader decode bit-exactly.
 
     Arrays are cast to the file's dtypes (int64 ids, float32 otherwise). Raises ValueError naming the img_id for
-    shapes that disagree with the box count, an empty box list, NaN/inf in boxes or features, invalid boxes, or an img_id that
-    contains tabs or line breaks.
+    shapes that disagree with the box count, an empty box list, NaN/inf in boxes or features, invalid boxes, or an
+    img_id that contains tabs or line breaks.
     """
     return encode_line(feat).decode("utf-8")

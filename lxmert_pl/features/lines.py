@@ -30,6 +30,7 @@ MAX_ROW_BYTES = 256 << 20  # a first "line" longer than this is no TSV row (obj3
 _TAIL_SEARCH_BYTES = 1 << 20
 
 # What each field of a row may hold, to tell the start of a row from foreign bytes.
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")  # never in an img_id
 _DIGITS = re.compile(rb"[0-9]*\Z")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=]*\Z")
 _FIELD_PATTERN = {name: _BASE64 for name in FIELDNAMES}
@@ -83,10 +84,11 @@ def is_row_prefix(data: bytes, *, need_img_id: bool = False) -> bool:
     if len(fields) > len(FIELDNAMES) or (need_img_id and len(fields) < 2):
         return False
     try:
-        fields[0].decode("utf-8", errors="strict" if len(fields) > 1 else "ignore")
-    except UnicodeDecodeError:
-        return False
-    if b"\r" in fields[0] or (len(fields) > 1 and not fields[0].strip()):
+        fields[0].decode("utf-8")
+    except UnicodeDecodeError as err:  # only a character cut at the very end (the write stopped there) is allowed
+        if len(fields) > 1 or err.reason != "unexpected end of data":
+            return False
+    if _CONTROL_BYTES.search(fields[0]) or (len(fields) > 1 and not fields[0].strip()):
         return False
     return all(_FIELD_PATTERN[name].match(value) for name, value in zip(FIELDNAMES[1:], fields[1:]))
 

@@ -50,8 +50,9 @@ def sidecar_path(tsv_path: str | Path) -> Path:
 class ExtractionSettings:
     """Everything that determines the rows an extraction writes (see the module docstring).
 
-    The selection (`min_boxes`, `max_boxes`, `nms_thresh`, `conf_thresh`) is None when boxes are given. `given_boxes_sha256` is the hash of the given-boxes file
-    (None without one, or where boxes are keyed per image, as in the one-step cache). `geometry` and `precision`
+    The selection (`min_boxes`, `max_boxes`, `nms_thresh`, `conf_thresh`) is None when boxes are given.
+    `given_boxes_sha256` is the sha256 of the given boxes (`detector.extraction.boxes_digest`: of their values, not of
+    the file's formatting); None without them, or where boxes are keyed per image, as in the one-step cache. `geometry` and `precision`
     default to the detector's defaults, so that callers pass only what they set.
     """
 

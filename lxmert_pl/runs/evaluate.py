@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,15 +59,14 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
             raise ValueError("no feature files: pass --features TSV_OR_STORE (or data.images for one-step matching)")
         paths = [str(_require_file(p, "feature file")) for p in data.features]
         return open_feature_source(paths), f"features: {', '.join(paths)}"
-    import numpy as np
 
     from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, load_detector
+    from lxmert_pl.detector.extraction import load_given_boxes
 
     images = _require_file(data.images, "image folder")
     boxes = None
     if data.boxes:
-        with open(_require_file(data.boxes, "boxes file"), encoding="utf-8") as f:
-            boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
+        boxes = load_given_boxes(_require_file(data.boxes, "boxes file"))
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
     detector, report = load_detector(detector_ckpt.path)
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
