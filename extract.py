@@ -10,7 +10,8 @@ downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's 
 `pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
 only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
-ones, and images without an entry are skipped.
+ones, and images without an entry are skipped. The settings are recorded in `<out>.meta.json`: a rerun with other
+settings, a second run on the same --out, or an --out that is not a feature TSV is refused (docs/reliability.md).
 """
 
 from __future__ import annotations
