@@ -14,7 +14,8 @@ geometry). Rerunning the same command after an interruption extracts only what i
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
 ones, and images without an entry are skipped. `--geometry` picks the proposal layer: `caffe` (the original
 bottom-up-attention one, the registry's default for frcnn-vg-finetuned) or `port` (the HF port's; the default for
-demo-frcnn and for detector directories); the run prints the one it used. Config: configs/extract.yaml.
+demo-frcnn and for detector directories); the run prints the one it used.ones, and images without an entry are skipped. The settings are recorded in `<out>.meta.json`: a rerun with other
+settings, a second run on the same --out, or an --out that is not a feature TSV is refused (docs/reliability.md). Config: configs/extract.yaml.
 """
 
 from __future__ import annotations

@@ -111,8 +111,7 @@ def write_shape_task(tmp: Path, num_images: int, seed: int = 0, dim: int = 2048,
     colour and a shape the image does not hold. Returns paths of the TSV and the labelled pair file."""
     import numpy as np
 
-    from lxmert_pl.features.tsv import TsvWriter
-    from lxmert_pl.features.types import ImageFeatures
+    from lxmert_pl.features import ImageFeatures, TsvWriter
 
     code = np.random.default_rng(1234).standard_normal((len(COLOURS) + len(SHAPES), dim)).astype(np.float32)
     rng = np.random.default_rng(seed)  # the colour/shape code above is shared by every split

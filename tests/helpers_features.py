@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from lxmert_pl.features.tsv import TsvWriter
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features import ImageFeatures, TsvWriter
 
 ARRAY_FIELDS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf", "boxes", "features")
 
@@ -79,6 +82,45 @@ def assert_same_bits(actual: ImageFeatures | dict, expected: ImageFeatures) -> N
         assert value.tobytes() == reference.tobytes(), name
 
 
+def raw_tsv_line(record: ImageFeatures) -> str:
+    """The TSV line of `record` built without the library's encoder, which refuses invalid records: for writing
+    the rows another tool might write (boxes outside the image ...)."""
+    def b64(array: np.ndarray, dtype: str) -> str:
+        return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+    fields = [
+        record.img_id, str(record.img_h), str(record.img_w), b64(record.objects_id, "<i8"),
+        b64(record.objects_conf, "<f4"), b64(record.attrs_id, "<i8"), b64(record.attrs_conf, "<f4"),
+        str(record.num_boxes), b64(record.boxes, "<f4"), b64(record.features, "<f4"),
+    ]  # fmt: skip
+    return "\t".join(fields) + "\n"
+
+
 def tsv_lines(path: Path) -> list[str]:
     """The lines of a text file, terminators kept."""
     return path.read_text().splitlines(keepends=True)
+
+
+@contextmanager
+def lock_held_by_another_process(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the writer's lock of `path` (`<path>.lock`, fcntl.flock), as a running extract.py
+    does; the process is SIGKILLed on exit (the OS then drops its lock)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path) + ".lock"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+
+
+_HOLD_LOCK = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)

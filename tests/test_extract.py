@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers_features import lock_held_by_another_process
 
 from lxmert_pl.detector import (
     ADAPTIVE_10_100,
@@ -25,10 +26,30 @@ from lxmert_pl.detector import (
     load_detector,
     save_tiny_detector,
 )
-from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction, shard_path, skipped_path
+from lxmert_pl.detector.extraction import (
+    detector_file_digests,
+    extraction_settings,
+    list_images,
+    load_given_boxes,
+    run_extraction,
+    shard_path,
+    skipped_path,
+)
 from lxmert_pl.detector.tiny import synthetic_image
 from lxmert_pl.features.sources import FeatureSource
-from lxmert_pl.features.tsv import MissingImageError, TsvWriter, iter_tsv_features, read_img_ids
+from lxmert_pl.features import (
+    ExtractionSettings,
+    FeatureFileLockedError,
+    MissingImageError,
+    NotAFeatureTsvError,
+    ProvenanceMismatchError,
+    TsvWriter,
+    iter_tsv_features,
+    read_img_ids,
+    read_settings,
+    sidecar_path,
+)
+from lxmert_pl.features.provenance import sha256_of_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"img_{k}" for k in range(6)]
@@ -171,9 +192,11 @@ def test_devices_shard_and_merge_in_input_order(detector_dir, image_dir, tmp_pat
 
 def test_leftover_shards_of_a_killed_sharded_run_are_merged(detector_dir, image_dir, tmp_path):
     out = tmp_path / "feats.tsv"
-    model, _ = load_detector(detector_dir)
+    model, report = load_detector(detector_dir)
+    settings = extraction_settings(model, str(detector_dir), detector_file_digests(report), OBJ36, None, None)
     first, second = model.extract([image_dir / "img_0.png", image_dir / "img_3.png"])
-    with TsvWriter(out) as writer:
+
+    with TsvWriter(out, settings=settings) as writer:  # what the killed run had written, with its settings
         writer.write(first)
     with TsvWriter(shard_path(out, 1)) as writer:
         writer.write(first)  # already in the output: must not be duplicated
@@ -260,3 +283,142 @@ def test_image_folder_feature_source_in_memory_with_given_boxes(detector_dir, im
     row = source.get("img_1")
     np.testing.assert_array_equal(row.boxes, given["img_1"])
     assert source.get("img_1") is row  # kept in memory, not re-extracted
+
+
+# ------------------------------------------------------------------------------------------ reliability (issue 13/14)
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def test_output_is_never_a_file_we_cannot_prove_is_ours(detector_dir, image_dir, tmp_path):
+    """--out holding a JSON file, a checkpoint or a TSV without provenance is refused before anything is written."""
+    paths = [image_dir / "img_0.png"]
+    json_file = tmp_path / "config.json"
+    json_file.write_text('{"lr": 0.001}')  # no final newline: the old "repair" emptied it
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"PK\x03\x04" + np.random.default_rng(0).bytes(2000) + b"\n" + b"\x00\x01" * 2710)
+    for path in (json_file, checkpoint):
+        before = path.read_bytes()
+        with pytest.raises(NotAFeatureTsvError, match=rf"{path} is not a feature TSV, so it was not modified"):
+            run_extraction(paths, path, detector_dir, OBJ36, log=_quiet)
+        assert path.read_bytes() == before and not sidecar_path(path).exists()
+
+    legacy = tmp_path / "released.tsv"
+    model, _ = load_detector(detector_dir)
+    with TsvWriter(legacy) as writer:  # rows without a sidecar, as in the released TSVs
+        writer.write(model.extract([image_dir / "img_1.png"])[0])
+    before = legacy.read_bytes()
+    with pytest.raises(ProvenanceMismatchError, match=r"has no released.tsv.meta.json .* Write to a new file"):
+        run_extraction(paths, legacy, detector_dir, OBJ36, log=_quiet)
+    assert legacy.read_bytes() == before
+
+
+def test_provenance_sidecar_and_refusal_to_mix_settings(detector_dir, image_dir, tmp_path):
+    out = tmp_path / "feats.tsv"
+    paths = [image_dir / "img_0.png", image_dir / "img_1.png"]
+    run_extraction(paths[:1], out, detector_dir, OBJ36, log=_quiet)
+    recorded = read_settings(out)
+    assert (recorded.geometry, recorded.precision, recorded.min_boxes, recorded.max_boxes) == ("port", "fp32", 36, 36)
+    assert (recorded.test_min_size, recorded.test_max_size) == (96, 160) and not recorded.given_boxes
+    assert set(recorded.detector_sha256) == {"config.yaml", "model.safetensors"}
+    assert recorded.detector_sha256["model.safetensors"] == sha256_of_file(detector_dir / "model.safetensors")
+    assert ExtractionSettings.from_json(recorded.to_json()) == recorded
+
+    before = out.read_bytes()
+    with pytest.raises(ProvenanceMismatchError, match=r"min_boxes: 36 != 10; max_boxes: 36 != 100"):
+        run_extraction(paths, out, detector_dir, ADAPTIVE_10_100, log=_quiet)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"img_1": [[0, 0, 20, 20]]}))
+    with pytest.raises(ProvenanceMismatchError, match=r"given_boxes: False != True"):
+        run_extraction(paths, out, detector_dir, OBJ36, given_boxes=load_given_boxes(boxes), log=_quiet)
+    assert out.read_bytes() == before
+    result = run_extraction(paths, out, detector_dir, OBJ36, log=_quiet)  # same settings: resumes
+    assert (result.already_done, result.written) == (1, 1) and read_img_ids(out) == ["img_0", "img_1"]
+
+
+def test_a_second_extraction_into_the_same_output_is_refused(detector_dir, image_dir, tmp_path):
+    out = tmp_path / "feats.tsv"
+    with lock_held_by_another_process(out):
+        with pytest.raises(FeatureFileLockedError, match=rf"{out} is being written by another process"):
+            run_extraction([image_dir / "img_0.png"], out, detector_dir, OBJ36, log=_quiet)
+    assert not out.exists()
+    assert run_extraction([image_dir / "img_0.png"], out, detector_dir, OBJ36, log=_quiet).written == 1
+
+
+def test_odd_file_names_and_given_boxes_outside_the_image_are_skipped_and_listed(detector_dir, image_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("plain.png", "tab\there.png", "wide.png"):
+        (images / name).write_bytes((image_dir / "img_0.png").read_bytes())  # 80 x 60
+    out = tmp_path / "feats.tsv"
+    for _ in range(2):  # the rerun too
+        result = run_extraction(list_images(images), out, detector_dir, OBJ36, log=_quiet)
+        assert result.skipped == [(str(images / "tab\there.png"), "the file name cannot be a TSV img_id: an img_id "
+                                   "cannot contain tabs or line breaks")]
+    assert read_img_ids(out) == ["plain", "wide"]
+    assert skipped_path(out).read_text() == f"{str(images)}/tab\\there.png\t{result.skipped[0][1]}\n"
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"plain": [[0, 0, 80, 60]], "wide": [[0, 0, 81, 20]]}))
+    result = run_extraction(list_images(images), tmp_path / "given.tsv", detector_dir, OBJ36,
+                            given_boxes=load_given_boxes(boxes), log=_quiet)
+    assert read_img_ids(tmp_path / "given.tsv") == ["plain"]
+    assert any("given boxes of img_id 'wide': box 0 [0.0, 0.0, 81.0, 20.0] leaves the image" in reason
+               for _, reason in result.skipped)
+
+
+def test_bad_inputs_are_one_clear_error(detector_dir, image_dir, tmp_path, capsys):
+    def error_of(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            extract.main(["--detector", str(detector_dir), *argv])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    out = str(tmp_path / "o.tsv")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"no images in {empty}" in error_of("--images", str(empty), "--out", out)
+    image = image_dir / "img_0.png"
+    assert f"{image} is not an image folder or a list file" in error_of("--images", str(image), "--out", out)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    assert "none of the 2 paths it lists exists" in error_of("--images", str(text), "--out", out)
+    not_json = tmp_path / "boxes.json"
+    not_json.write_text("img_0: [[0, 0, 5, 5]]")
+    assert f"given-boxes file {not_json} is not valid JSON" in error_of(
+        "--images", str(image_dir), "--out", out, "--given-boxes", str(not_json))
+    assert f"--out {tmp_path} is a directory" in error_of("--images", str(image_dir), "--out", str(tmp_path))
+    assert f"{not_json} is a file" in error_of("--images", str(image_dir), "--out", str(not_json / "o.tsv"))
+    assert not Path(out).exists()
+
+
+def test_one_step_cache_answers_only_for_the_same_inputs(detector_dir, image_dir, tmp_path):
+    """Another folder with the same file names, or other given boxes, into the same cache: extracted anew."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, sources in ((first, ("img_0", "img_1")), (second, ("img_2", "img_1"))):
+        folder.mkdir()
+        for name, source in zip(("a", "b"), sources):
+            (folder / f"{name}.png").write_bytes((image_dir / f"{source}.png").read_bytes())
+    cache = tmp_path / "out" / "image_features.tsv"
+    model, _ = load_detector(detector_dir)
+    ImageFolderFeatureSource(first, model, cache_path=cache).prefetch(["a", "b"])
+    reopened = ImageFolderFeatureSource(second, model, cache_path=cache)
+    expected = model.extract([second / "a.png"])[0]
+    np.testing.assert_array_equal(reopened.get("a").features, expected.features)  # not first/a's row
+    assert reopened.get("a").img_h == expected.img_h
+    assert sorted(read_img_ids(cache)) == ["a", "b"]  # the stale row was dropped, not duplicated
+    calls = []
+    model_extract = model.extract
+    model.extract = lambda *args, **kwargs: calls.append(args) or model_extract(*args, **kwargs)
+    ImageFolderFeatureSource(second, model, cache_path=cache).prefetch(["a", "b"])
+    assert calls == []  # b's content is the same in both folders, a was cached by the previous source
+
+    one = {"a": np.array([[0, 0, 30, 30]], dtype=np.float32)}
+    other = {"a": np.array([[5, 5, 40, 40]], dtype=np.float32)}
+    with_boxes = tmp_path / "boxes_cache.tsv"
+    ImageFolderFeatureSource(second, model, given_boxes=one, cache_path=with_boxes).prefetch(["a"])
+    row = ImageFolderFeatureSource(second, model, given_boxes=other, cache_path=with_boxes).get("a")
+    np.testing.assert_array_equal(row.boxes, other["a"])
+    model.extract = model_extract

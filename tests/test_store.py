@@ -13,7 +13,7 @@ from helpers_features import assert_same_bits, tsv_lines, write_synthetic_tsv
 from lxmert_pl.features.__main__ import main as features_cli
 from lxmert_pl.features.sources import MergedFeatureSource, open_feature_source
 from lxmert_pl.features.store import FeatureStore, convert_tsvs_to_store
-from lxmert_pl.features.tsv import (
+from lxmert_pl.features import (
     DuplicateImageIdError,
     FeatureFileError,
     MissingImageError,
@@ -132,6 +132,28 @@ def test_damaged_store_names_the_file(tmp_path, two_tsvs):
     (tmp_path / "store" / "meta.json").unlink()
     with pytest.raises(FeatureFileError, match="is not a feature store: meta.json is missing"):
         FeatureStore(tmp_path / "store")
+
+
+def test_edited_img_ids_are_detected(tmp_path, two_tsvs):
+    """Swapping two ids in img_ids.json would serve each image's rows under the other's id: refused on open."""
+    paths, records = two_tsvs
+    convert_tsvs_to_store(paths, tmp_path / "store")
+    ids_file = tmp_path / "store" / "img_ids.json"
+    ids = json.loads(ids_file.read_text())
+    ids[0], ids[1] = ids[1], ids[0]
+    ids_file.write_text(json.dumps(ids))
+    with pytest.raises(FeatureFileError, match=rf"{ids_file} was modified after conversion"):
+        FeatureStore(tmp_path / "store")
+
+
+def test_store_refuses_boxes_outside_the_image(tmp_path, two_tsvs):
+    paths, _ = two_tsvs
+    store = convert_tsvs_to_store(paths, tmp_path / "store")
+    boxes = np.load(tmp_path / "store" / "boxes.npy")
+    boxes[0, 2] = 1e6
+    np.save(tmp_path / "store" / "boxes.npy", boxes)
+    with pytest.raises(FeatureFileError, match=r"\(row 0\) \(img_id 'a0'\): box 0 .* leaves the image"):
+        FeatureStore(store.directory).get("a0")
 
 
 def test_sources_mix_stores_and_tsvs(tmp_path, two_tsvs):

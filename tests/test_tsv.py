@@ -11,27 +11,37 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_features import assert_same_bits, make_image_features, tsv_lines, write_synthetic_tsv
+from helpers_features import (
+    assert_same_bits,
+    lock_held_by_another_process,
+    make_image_features,
+    raw_tsv_line,
+    tsv_lines,
+    write_synthetic_tsv,
+)
 
-from lxmert_pl.features import tsv as tsv_module
+from lxmert_pl.features import index as index_module
 from lxmert_pl.features.__main__ import main as features_cli
 from lxmert_pl.features.sources import open_feature_source
-from lxmert_pl.features.tsv import (
+from lxmert_pl.features import (
     FIELDNAMES,
     DuplicateImageIdError,
     FeatureFileError,
+    FeatureFileLockedError,
     MissingImageError,
+    NotAFeatureTsvError,
     StaleIndexError,
     TruncatedTsvError,
     TsvReader,
     TsvWriter,
     decode_row,
     encode_row,
-    index_locations,
+    iter_tsv_features,
     read_img_ids,
     repair_truncated,
 )
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features.index import index_locations
+from lxmert_pl.features.record import ImageFeatures
 
 
 def original_load_obj_tsv(path: Path) -> list[dict]:
@@ -221,7 +231,7 @@ def test_index_is_saved_beside_the_tsv_and_reused(small_tsv, monkeypatch):
     def no_scan(_path):
         raise AssertionError("the saved index should have been reused")
 
-    monkeypatch.setattr(tsv_module, "build_index", no_scan)
+    monkeypatch.setattr(index_module, "build_index", no_scan)
     assert TsvReader(path).get("img4").img_id == "img4"
 
 
@@ -258,7 +268,7 @@ def test_stale_index_with_matching_size_and_mtime_is_caught_on_read(small_tsv):
 def test_index_goes_to_the_cache_dir_when_the_folder_is_read_only(small_tsv, tmp_path, monkeypatch):
     path, records = small_tsv
     writes = []
-    real_write = tsv_module._write_atomically
+    real_write = index_module.write_atomically
 
     def write_unless_beside_the_tsv(target: Path, text: str) -> None:
         writes.append(target)
@@ -266,13 +276,13 @@ def test_index_goes_to_the_cache_dir_when_the_folder_is_read_only(small_tsv, tmp
             raise PermissionError(13, "Permission denied", str(target))
         real_write(target, text)
 
-    monkeypatch.setattr(tsv_module, "_write_atomically", write_unless_beside_the_tsv)
+    monkeypatch.setattr(index_module, "write_atomically", write_unless_beside_the_tsv)
     cache = tmp_path / "cache"
     reader = TsvReader(path, cache_dir=cache)
     assert reader.index_path.parent == cache and reader.index_path == index_locations(path, cache)[1]
     assert writes == index_locations(path, cache)
     assert_same_bits(reader.get("img5"), records[5])
-    monkeypatch.setattr(tsv_module, "build_index", lambda _path: pytest.fail("cached index not reused"))
+    monkeypatch.setattr(index_module, "build_index", lambda _path: pytest.fail("cached index not reused"))
     assert TsvReader(path, cache_dir=cache).index_path.parent == cache
 
 
@@ -439,3 +449,93 @@ def test_cli_index_check_repair(small_tsv, capsys):
     assert "removed a truncated last line of 20 bytes" in capsys.readouterr().out
     assert features_cli(["index", str(tmp := path.with_name("none.tsv"))]) == 2
     assert f"{tmp}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- reliability (issue 13)
+
+
+def test_a_complete_last_row_without_its_newline_is_kept(small_tsv, capsys):
+    """Repair (library, CLI, writer) keeps a last row that decodes completely and adds its newline; readers read it."""
+    path, records = small_tsv
+    path.write_bytes(path.read_bytes()[:-1])  # the last row, complete, without "\n"
+    assert TsvReader(path).img_ids == [f"img{i}" for i in range(6)]
+    assert [row.img_id for row in iter_tsv_features(path)][-1] == "img5" and read_img_ids(path)[-1] == "img5"
+    assert features_cli(["repair", str(path)]) == 0
+    assert "lacked its final newline; added it" in capsys.readouterr().out
+    assert path.read_bytes().endswith(b"\n")
+    assert_same_bits(TsvReader(path).get("img5"), records[5])
+
+    path.write_bytes(path.read_bytes()[:-1])
+    assert repair_truncated(path) == 0 and path.read_bytes().endswith(b"\n")
+    path.write_bytes(path.read_bytes()[:-1])
+    extra = make_image_features("img6", 2, 16, np.random.default_rng(3))
+    with TsvWriter(path) as writer:
+        writer.write(extra)
+    assert TsvReader(path).img_ids == [f"img{i}" for i in range(7)]
+
+
+def test_files_that_are_not_feature_tsvs_are_never_modified(tmp_path, capsys):
+    """repair and the writer refuse (naming the file) a JSON file without a final newline, a binary checkpoint,
+    and a TSV followed by foreign bytes; not one byte changes."""
+    rng = np.random.default_rng(0)
+    json_file = tmp_path / "config.json"
+    json_file.write_text('{"lr": 0.001,\n "epochs": 3}')
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"PK\x03\x04" + rng.bytes(3000) + b"\n" + rng.bytes(5420))
+    tsv_then_junk = tmp_path / "junk.tsv"
+    tsv_then_junk.write_bytes(encode_row(make_image_features("a", 2, 4, rng)).encode() + b"\x00\xff binary junk")
+    one_line_json = tmp_path / "one_line.json"
+    one_line_json.write_text('{"a": [1, 2, 3]}')
+    for path in (json_file, checkpoint, tsv_then_junk, one_line_json):
+        before = path.read_bytes()
+        with pytest.raises(NotAFeatureTsvError, match=rf"{path} is not a feature TSV, so it was not modified"):
+            repair_truncated(path)
+        with pytest.raises(NotAFeatureTsvError, match=str(path)):
+            TsvWriter(path, repair=True)
+        assert features_cli(["repair", str(path)]) == 2
+        assert f"{path} is not a feature TSV" in capsys.readouterr().err
+        assert path.read_bytes() == before, path
+
+
+def test_a_second_writer_is_refused_and_a_dead_one_leaves_no_stuck_lock(small_tsv):
+    path, _ = small_tsv
+    before = path.read_bytes()
+    with lock_held_by_another_process(path) as holder:
+        with pytest.raises(FeatureFileLockedError, match=rf"{path} is being written by another process"):
+            TsvWriter(path)
+        holder.kill()  # a crashed run: the OS releases its lock
+        holder.wait(timeout=30)
+        with TsvWriter(path) as writer:
+            with TsvWriter(path) as same_process:  # reentrant within one process
+                assert same_process.rows_written == 0
+            writer.write(make_image_features("img6", 2, 16, np.random.default_rng(1)))
+    assert path.read_bytes().startswith(before) and len(read_img_ids(path)) == 7
+
+
+def test_inverted_boxes_and_boxes_outside_the_image_are_flagged_and_refused(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    good, inverted, outside = (make_image_features(name, 3, 8, rng) for name in ("good", "inverted", "outside"))
+    inverted.boxes = inverted.boxes.copy()
+    inverted.boxes[1, [0, 2]] = inverted.boxes[1, [2, 0]]  # x2 < x1
+    outside.boxes = outside.boxes.copy()
+    outside.boxes[2, 3] = outside.img_h + 1.0
+    path = tmp_path / "boxes.tsv"
+    path.write_text("".join(raw_tsv_line(record) for record in (good, inverted, outside)))
+
+    assert features_cli(["check", str(path)]) == 1
+    report = capsys.readouterr().out
+    assert "1 valid rows" in report and "2 bad rows" in report
+    assert f"{path}:2 (img_id 'inverted'): box 1" in report and "is inverted" in report
+    assert f"{path}:3 (img_id 'outside'): box 2" in report and "leaves the image" in report
+    reader = TsvReader(path)
+    assert_same_bits(reader.get("good"), good)
+    with pytest.raises(FeatureFileError, match=rf"{path}:2 \(img_id 'inverted'\): box 1 .* is inverted"):
+        reader.get("inverted")
+    with pytest.raises(FeatureFileError, match=rf"{path}:3 \(img_id 'outside'\): box 2 .* leaves the image"):
+        reader.get("outside")
+    for record in (inverted, outside):
+        with pytest.raises(ValueError, match=f"img_id '{record.img_id}'"):
+            encode_row(record)
+    edge = make_image_features("edge", 1, 8, rng)
+    edge.boxes = np.asarray([[0, 0, edge.img_w * (1 + 5e-6), edge.img_h]], dtype=np.float32)  # within the 1e-5 slack
+    assert decode_row(encode_row(edge)).img_id == "edge"

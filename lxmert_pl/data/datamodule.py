@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lxmert_pl.data.dataset import MatchingDataset, collate_matching
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
+from lxmert_pl.distributed import get_world_size
 from lxmert_pl.features.sources import FeatureSource, open_feature_source
 from lxmert_pl.pairs.io import Pair, load_pairs
 from lxmert_pl.tokenizer import LxmertTokenizer
@@ -32,10 +32,6 @@ PairsArg = str | Path | Sequence[Pair] | None
 SPLITS = ("train", "val", "test", "predict")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 _SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
-
-
-def _distributed_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class MatchingDataModule(pl.LightningDataModule):
@@ -158,12 +154,12 @@ class MatchingDataModule(pl.LightningDataModule):
 
     def _evaluation_loader(self, split: str, *, persistent: bool = False) -> DataLoader:
         dataset = self._dataset(split)
-        sampler = UnpaddedDistributedSampler(dataset) if _distributed_world_size() > 1 else None
+        sampler = UnpaddedDistributedSampler(dataset) if get_world_size() > 1 else None
         return self._loader(dataset, shuffle=False, sampler=sampler, persistent=persistent)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train")
-        if _distributed_world_size() > 1:
+        if get_world_size() > 1:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             return self._loader(dataset, shuffle=False, sampler=DistributedSampler(dataset, seed=seed), persistent=True)
         return self._loader(dataset, shuffle=True, sampler=None, persistent=True)

@@ -16,25 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-
-def _world_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """Explicit values first, else those of an initialised process group, else a single process."""
-    initialised = dist.is_available() and dist.is_initialized()
-    if num_replicas is None:
-        num_replicas = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    return num_replicas, rank
+from lxmert_pl.distributed import world_and_rank
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
     """Indices `[rank * n // num_replicas, (rank + 1) * n // num_replicas)` of a dataset of length n, in order."""
 
     def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None):
-        num_replicas, rank = _world_and_rank(num_replicas, rank)
+        num_replicas, rank = world_and_rank(num_replicas, rank)
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         size = len(dataset)
         self.start = rank * size // num_replicas

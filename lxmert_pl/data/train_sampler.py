@@ -11,17 +11,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from lxmert_pl.distributed import world_and_rank
 
 
 class ResumableShuffleSampler(Sampler[int]):
     def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True,
                  num_replicas: int | None = None, rank: int | None = None):
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        num_replicas, rank = world_and_rank(num_replicas, rank)
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.per_replica = math.ceil(num_items / num_replicas)  # replicas must step together under DDP

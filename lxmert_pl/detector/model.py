@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.ops import RoIPool
 
-from ..features.types import ImageFeatures
+from ..features.record import ImageFeatures
 from .backbone import ResNetC4, build_backbone
 from .caffe_proposals import CAFFE_RPN_MIN_SIZE, CaffeAnchorGenerator, CaffeProposalLayer, caffe_fg_probability
 from .config import FrcnnConfig

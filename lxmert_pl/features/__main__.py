@@ -3,7 +3,7 @@
     python -m lxmert_pl.features convert IN.tsv [IN2.tsv ...] --out DIR [--fp16] [--overwrite]
     python -m lxmert_pl.features index PATH.tsv [...] [--rebuild]     build or refresh byte-offset indexes
     python -m lxmert_pl.features check PATH.tsv [...]                 decode every row, report problems
-    python -m lxmert_pl.features repair PATH.tsv [...]                drop a truncated last line
+    python -m lxmert_pl.features repair PATH.tsv [...]                drop a truncated last line (keep a complete one)
 
 Exit status: 0 on success, 1 when `check` found problems, 2 on an error (message on stderr).
 """
@@ -19,7 +19,10 @@ from tqdm import tqdm
 
 from lxmert_pl.features.sources import expand_feature_paths
 from lxmert_pl.features.store import convert_tsvs_to_store
-from lxmert_pl.features.tsv import FeatureFileError, check_tsv, load_or_build_index, repair_truncated
+from lxmert_pl.features.check import check_tsv
+from lxmert_pl.features.errors import FeatureFileError
+from lxmert_pl.features.index import load_or_build_index
+from lxmert_pl.features.lines import repair_tail
 
 
 def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +91,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _repair(args: argparse.Namespace) -> int:
     for path in expand_feature_paths(args.inputs):
-        removed = repair_truncated(path)
-        print(f"{path}: removed a truncated last line of {removed:,} bytes" if removed else f"{path}: complete")
+        print(repair_tail(path).describe(path))
     return 0
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from lxmert_pl.features.store import FeatureStore, is_feature_store
-from lxmert_pl.features.tsv import DuplicateImageIdError, MissingImageError, TsvReader
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features.errors import DuplicateImageIdError, MissingImageError
+from lxmert_pl.features.record import ImageFeatures
+from lxmert_pl.features.tsv import TsvReader
 
 _GLOB_CHARACTERS = "*?["
 

@@ -2,7 +2,8 @@
 
 Layout (format version 1)::
 
-    meta.json          format, version, feature dtype, feature dim, counts, the TSVs converted (size, mtime)
+    meta.json          format, version, feature dtype, feature dim, counts, the TSVs converted (size, mtime),
+                       the sha256 of img_ids.json (an edited id list is detected on open)
     img_ids.json       the img_ids, in row order
     images.npy         int64 (N, 4): first box row, num_boxes, img_h, img_w of each image
     features.npy       float32 (T, D), or float16 when converted with fp16=True: the boxes of all images, concatenated
@@ -30,6 +31,7 @@ an interrupted or failed conversion leaves no store behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -40,14 +42,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from lxmert_pl.features.tsv import (
-    DuplicateImageIdError,
-    FeatureFileError,
-    MissingImageError,
-    StaleIndexError,
-    TsvReader,
-)
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features.errors import DuplicateImageIdError, FeatureFileError, MissingImageError, StaleIndexError
+from lxmert_pl.features.record import PER_BOX_FIELDS, ImageFeatures, box_problem
+from lxmert_pl.features.tsv import TsvReader
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +54,6 @@ META_FILE = "meta.json"
 IMG_IDS_FILE = "img_ids.json"
 IMAGES_FILE = "images.npy"
 
-# Per-box arrays: (name, dtype; features' dtype depends on fp16, trailing shape; features' is (D,)).
-_PER_BOX_ARRAYS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
-    ("boxes", "<f4", (4,)),
-    ("objects_id", "<i8", ()),
-    ("objects_conf", "<f4", ()),
-    ("attrs_id", "<i8", ()),
-    ("attrs_conf", "<f4", ()),
-)
 _FEATURE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 
@@ -134,7 +123,7 @@ class _StoreWriter:
         self.total_boxes = 0
         self.feature_dim: int | None = None
         self._appenders = {
-            name: _NpyAppender(directory / f"{name}.npy", dtype, trailing) for name, dtype, trailing in _PER_BOX_ARRAYS
+            name: _NpyAppender(directory / f"{name}.npy", dtype, trailing) for name, dtype, trailing in PER_BOX_FIELDS
         }
 
     def add(self, feat: ImageFeatures, where: str) -> None:
@@ -160,7 +149,8 @@ class _StoreWriter:
         for appender in self._appenders.values():
             appender.close()
         np.save(self.directory / IMAGES_FILE, np.asarray(self.images, dtype=np.int64).reshape(-1, 4))
-        (self.directory / IMG_IDS_FILE).write_text(json.dumps(self.img_ids), encoding="utf-8")
+        ids_text = json.dumps(self.img_ids)
+        (self.directory / IMG_IDS_FILE).write_text(ids_text, encoding="utf-8")
         meta = {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
@@ -168,6 +158,7 @@ class _StoreWriter:
             "feature_dim": self.feature_dim,
             "num_images": len(self.img_ids),
             "num_boxes_total": self.total_boxes,
+            "img_ids_sha256": hashlib.sha256(ids_text.encode("utf-8")).hexdigest(),
             "sources": sources,
         }
         (self.directory / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -311,9 +302,16 @@ class FeatureStore:
     def _read_img_ids(self) -> list[str]:
         ids_path = self.directory / IMG_IDS_FILE
         try:
-            img_ids = json.loads(ids_path.read_text(encoding="utf-8"))
+            raw = ids_path.read_bytes()
+            img_ids = json.loads(raw.decode("utf-8"))
         except (OSError, ValueError) as err:
             raise FeatureFileError(f"{ids_path}: cannot read the img_id list ({err})") from None
+        recorded = self.meta.get("img_ids_sha256")  # absent in stores of older versions
+        if recorded is not None and hashlib.sha256(raw).hexdigest() != recorded:
+            raise FeatureFileError(
+                f"{ids_path} was modified after conversion (its sha256 differs from the one in {META_FILE}): rows "
+                "would be read under the wrong img_ids. Convert the TSVs again"
+            )
         if not isinstance(img_ids, list) or len(img_ids) != self.meta["num_images"]:
             raise FeatureFileError(f"{ids_path}: expected a list of {self.meta['num_images']} img_ids")
         return [str(img_id) for img_id in img_ids]
@@ -341,7 +339,7 @@ class FeatureStore:
     def _mapped_arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
             boxes_total = int(self.meta["num_boxes_total"])
-            expected = {name: (np.dtype(dtype), (boxes_total, *trailing)) for name, dtype, trailing in _PER_BOX_ARRAYS}
+            expected = {name: (np.dtype(dtype), (boxes_total, *trailing)) for name, dtype, trailing in PER_BOX_FIELDS}
             expected["features"] = (np.dtype(_FEATURE_DTYPES[self.feature_dtype]), (boxes_total, self.feature_dim))
             arrays = {}
             for name, (dtype, shape) in expected.items():
@@ -380,6 +378,9 @@ class FeatureStore:
         arrays = self._mapped_arrays()
         boxes = slice(start, start + count)
         features = np.asarray(arrays["features"][boxes])
+        problem = box_problem(arrays["boxes"][boxes], img_w, img_h)
+        if problem:
+            raise FeatureFileError(f"{self.location(img_id)} (img_id {img_id!r}): {problem}")
         return ImageFeatures(
             img_id=img_id,
             img_h=img_h,

@@ -21,8 +21,6 @@ a line.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lxmert_pl.errors import UserInputError
-from lxmert_pl.features.types import ImageFeatures
+from lxmert_pl.features.record import ImageFeatures
+from lxmert_pl.fileio import atomic_writer
 
 METHODS = ("random", "similar", "cluster")
 DEFAULT_POOL_FACTOR = 4  # "similar": choose among the 4 * per_positive nearest valid images by default
@@ -397,19 +396,8 @@ def _fill_stats(
 
 def write_pairs(path: str | Path, rows: Iterable[dict]) -> None:
     """Write rows as a JSON list, one row per line, atomically (a temporary file beside `path`, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("[")
-            for position, row in enumerate(rows):
-                handle.write(("\n" if position == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
-            handle.write("\n]\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        handle.write("[")
+        for position, row in enumerate(rows):
+            handle.write(("\n" if position == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
+        handle.write("\n]\n")
