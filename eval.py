@@ -4,6 +4,7 @@
     python eval.py                                     # bundled demo: raw images -> detector -> matching
     python eval.py --ckpt lxr955 --test matching_val --with-feat
     python eval.py --ckpt PATH --pairs PAIRS.json --features VAL_obj36.tsv --out DIR [--mode cosine]
+    python eval.py --task retrieval --ckpt lxr955 --captions dataset_flickr30k.json --split test --features F.tsv [--k 128]
     python eval.py ... data.batch_size=64 trainer.precision=bf16-true    # any config key as key=value
 
 Data path: pairs + features (or images) -> lxmert_pl.data.MatchingDataModule -> lxmert_pl.runs.module.MatchingModule
@@ -39,6 +40,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--threshold", type=float, help="answer True when score > threshold")
+    parser.add_argument("--task", choices=["matching", "retrieval"], help="score pairs, or rank images x captions")
+    parser.add_argument("--captions", help="retrieval: Karpathy split file, LXMERT caption file or pair file")
+    parser.add_argument("--split", help="retrieval, Karpathy files: train | val | test | restval")
+    parser.add_argument("--k", type=int, help="retrieval: re-rank the first stage's top K per query (default: full grid)")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": args.threshold, "data.pairs": args.pairs, "data.features": args.features,
         "data.images": args.images, "data.boxes": args.boxes, "data.batch_size": args.batch_size,
         "detector.ckpt": args.detector, "trainer.devices": args.devices, "trainer.accelerator": args.accelerator,
+        "task": args.task, "retrieval.captions": args.captions, "retrieval.split": args.split, "retrieval.k": args.k,
         "data.source": "features" if args.with_feat or args.features else ("images" if args.images else None),
     }
     try:
@@ -62,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lxmert_pl.runs.evaluate import run_eval
     from lxmert_pl.runs.errors import user_errors
+    from lxmert_pl.runs.retrieval import run_retrieval
 
     with user_errors("eval.py"):
-        run_eval(cfg)
+        (run_retrieval if cfg.task == "retrieval" else run_eval)(cfg)
     return 0
 
 
