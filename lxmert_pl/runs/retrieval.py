@@ -120,6 +120,26 @@ def _identity(item: Any) -> Any:
     return item
 
 
+class BlockDataModule(pl.LightningDataModule):
+    """The test loader over the blocks still to score, sharded over the processes once they exist (the sampler
+    reads the world size and rank of the initialised process group, so it is built in `test_dataloader`)."""
+
+    def __init__(self, pending: Sequence[GridBlock], load_images: ImageLoader, num_workers: int = 0):
+        super().__init__()
+        self.pending = list(pending)
+        self.load_images = load_images
+        self.num_workers = num_workers
+
+    def test_dataloader(self) -> DataLoader:
+        world, _ = _world()
+        # At least one item per process (None = no work): a process without batches would skip the epoch hooks and
+        # leave the others waiting in their collectives.
+        padding = [None] * max(0, world - len(self.pending), 1 - len(self.pending))
+        dataset = BlockDataset(self.pending + padding, self.load_images)
+        return DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                          sampler=UnpaddedDistributedSampler(dataset) if world > 1 else None)
+
+
 class BlockDataset(Dataset):
     """Items = the blocks still to score (None: an empty item), each with its images' features and normalised boxes (loaded here, so
     DataLoader workers read ahead)."""
@@ -334,13 +354,8 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         f"{store.dir}), output: {out_dir}")
     if captions.skipped_blank:
         say(f"Skipped {captions.skipped_blank} blank captions (retrieval.skip_blank=true).")
-    # At least one item per process (None = no work): a process without batches would skip the epoch hooks and
-    # leave the others waiting in their collectives.
-    padding = [None] * max(0, trainer.world_size - len(pending), 1 - len(pending))
-    loader = DataLoader(BlockDataset(pending + padding, load_images), batch_size=None, collate_fn=_identity,
-                        num_workers=int(cfg.data.num_workers),
-                        sampler=UnpaddedDistributedSampler(pending) if trainer.world_size > 1 else None)
-    trainer.test(module, dataloaders=loader, verbose=False)
+    datamodule = BlockDataModule(pending, load_images, int(cfg.data.num_workers))
+    trainer.test(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
         return {"out_dir": out_dir, "metrics": {}}
     results = module.results
