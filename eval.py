@@ -4,6 +4,7 @@
     python eval.py                                     # bundled demo: raw images -> detector -> matching
     python eval.py --ckpt lxr955 --test matching_val --with-feat
     python eval.py --ckpt PATH --pairs PAIRS.json --features VAL_obj36.tsv --out DIR [--mode cosine]
+    python eval.py --task retrieval --ckpt lxr955 --captions dataset_flickr30k.json --split test --features F.tsv [--k 128]
     python eval.py ... data.batch_size=64 trainer.precision=bf16-true    # any config key as key=value
 
 Data path: pairs + features (or images) -> lxmert_pl.data.MatchingDataModule -> lxmert_pl.runs.module.MatchingModule
@@ -30,6 +31,11 @@ FLAGS = [
     Flag("--detector", "detector.ckpt", "detector alias or directory (one-step matching)"),
     Flag("--mode", "mode", "matching head probability or cosine score", choices=("itm", "cosine")),
     Flag("--threshold", "threshold", "answer True when score > threshold", type=finite_float),
+    Flag("--task", "task", "score pairs, or rank images x captions", choices=("matching", "retrieval")),
+    Flag("--captions", "retrieval.captions", "retrieval: Karpathy split file, LXMERT caption file or pair file"),
+    Flag("--split", "retrieval.split", "retrieval, Karpathy files: train | val | test | restval"),
+    Flag("--k", "retrieval.k", "retrieval: re-rank the first stage's top K per query (default: full grid)",
+         type=positive_int),
     Flag("--card", "card", "model card (README.md or its folder) to add this evaluation's metrics to"),
     BATCH_SIZE, *TRAINER_FLAGS,
 ]
@@ -51,9 +57,15 @@ COMMAND = Command("eval.py", __doc__, "eval", FLAGS, groups={"--test": "test", "
 
 
 def run(cfg) -> None:
-    from lxmert_pl.runs.evaluate import run_eval  # imported after parsing: --help and option errors answer at once
+    # imported after parsing: --help and option errors answer at once
+    if cfg.task == "retrieval":
+        from lxmert_pl.runs.retrieval import run_retrieval
 
-    run_eval(cfg)
+        run_retrieval(cfg)
+    else:
+        from lxmert_pl.runs.evaluate import run_eval
+
+        run_eval(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

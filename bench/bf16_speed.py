@@ -47,7 +47,7 @@ import torch
 from model_throughput import build_models, make_inputs
 
 from lxmert_pl.model import LxmertMatchingModel, LxrtConfig, get_preset
-from lxmert_pl.retrieval import cross_outputs, encode_set, score_grid
+from lxmert_pl.retrieval import Retriever, cross_outputs, encode_set
 from lxmert_pl.tokenizer import LxmertTokenizer
 
 TARGET_RATIO = 2.5
@@ -152,9 +152,9 @@ def parity(args: argparse.Namespace) -> dict[str, float]:
     calibration = structured_inputs(tokenizer, args.calibration_size, args.calibration_size, seed=1)
     calibrate_matching_head(model, pooled_grid(model, tokenizer, *calibration))
     sentences, features, boxes = structured_inputs(tokenizer, args.parity_images, args.parity_captions, seed=2)
-    fp32 = score_grid(model, tokenizer, sentences, features, boxes, device=args.device).flatten()
-    bf16 = score_grid(copy.deepcopy(model), tokenizer, sentences, features, boxes, device=args.device,
-                      dtype=torch.bfloat16).flatten()
+    fp32 = Retriever(model, tokenizer, device=args.device).grid(sentences, features, boxes).flatten()
+    bf16 = Retriever(copy.deepcopy(model), tokenizer, device=args.device, precision="bf16").grid(
+        sentences, features, boxes).flatten()
     logit = torch.logit(fp32.double())  # fp32 logit difference (matched - not matched)
     flipped = (fp32 > 0.5) != (bf16 > 0.5)
     return {

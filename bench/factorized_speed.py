@@ -4,7 +4,7 @@
                                      [--repeats 3]
 
 Pairwise: `Scorer.score` on every (image, caption) pair, the whole model per pair. Factorized:
-`lxmert_pl.retrieval.score_grid`, the language layers once per caption, the object-relationship layers once per
+`lxmert_pl.retrieval.Retriever.grid`, the language layers once per caption, the object-relationship layers once per
 image, the cross-modality layers and heads per pair. Both run in fp32 with `--batch` pairs per forward, alternately
 in one process (the machine is noisy); the script prints the median time of each, the speed-up and the largest
 difference between their P(match) grids.
@@ -25,7 +25,7 @@ from bf16_speed import (cross_flops, image_encoder_flops, lxrt_flops, parity_mod
                         text_encoder_flops)
 
 from lxmert_pl.model import get_preset
-from lxmert_pl.retrieval import score_grid
+from lxmert_pl.retrieval import Retriever
 from lxmert_pl.scoring import Scorer
 from lxmert_pl.tokenizer import LxmertTokenizer
 
@@ -50,6 +50,7 @@ def main() -> None:
     sentences, features, boxes = structured_inputs(tokenizer, args.images, args.captions, seed=0)
     pairs = [(i, j) for i in range(args.images) for j in range(args.captions)]
     scorer = Scorer(model, tokenizer, device=args.device, batch_size=args.batch)
+    retriever = Retriever(model, tokenizer, device=args.device, batch_size=args.batch)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def pairwise() -> torch.Tensor:
@@ -58,7 +59,7 @@ def main() -> None:
         return torch.from_numpy(result.match_prob).view(args.images, args.captions)
 
     def factorized() -> torch.Tensor:
-        return score_grid(model, tokenizer, sentences, features, boxes, batch_size=args.batch, device=args.device)
+        return retriever.grid(sentences, features, boxes)
 
     times: dict[str, list[float]] = {"pairwise": [], "factorized": []}
     grids: dict[str, torch.Tensor] = {}

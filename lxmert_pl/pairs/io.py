@@ -14,6 +14,11 @@ Formats, recognised by content (first non-blank character) and extension:
 A label is 1 (matched) or 0 (not matched): 1/0, true/false, "1"/"0", "true"/"false" in any case; a missing or
 empty label is None (unknown). `question_id` is taken from the file, else it is the pair's index.
 
+Retrieval sets (`read_captions`: images, their captions, which caption describes which image) come from the same
+files and from Karpathy split files (`dataset_coco.json`, `dataset_flickr30k.json`:
+`{"images": [{"filename", "split", "sentences": [{"raw"}]}]}`, img_id = the file name without extension); see
+`read_captions`.
+
 Errors (`PairFileError`) name the file and the line or pair index: non-UTF-8 bytes, invalid JSON, a missing
 `img_id`/`sent`, an empty or whitespace-only sentence, a label that is not one of the above.
 """
@@ -198,6 +203,17 @@ def _sentence(value: Any, where: str) -> str:
     return value
 
 
+def _caption_text(value: Any, where: str, skip_blank: bool) -> str | None:
+    """A caption's text; a blank one is an error naming `where`, or None (a skip the caller counts) with
+    `skip_blank`."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if skip_blank and (value is None or isinstance(value, str)):
+        return None
+    raise PairFileError(f"{where}: empty or whitespace-only caption {value!r}"
+                        + ("" if skip_blank else " (retrieval.skip_blank=true skips such captions and counts them)"))
+
+
 def _caption_pairs(path: Path, entries: list, caption_source: str) -> list[Pair]:
     """One positive pair per sentence of `caption_source`; images without that source are left out."""
     pairs: list[Pair] = []
@@ -225,3 +241,156 @@ def _caption_pairs(path: Path, entries: list, caption_source: str) -> list[Pair]
             f"{path}: no sentences of source {caption_source!r}; sources in this file: {sorted(sources_seen)}"
         )
     return pairs
+
+
+@dataclass
+class CaptionSet:
+    """A retrieval set: images, captions, and the image each caption describes.
+
+    `caption_image[j]` is the index (into `img_ids`) of caption j's image; an image may have no caption (it is then
+    a candidate for text -> image retrieval but not a query). `skipped_blank` counts the blank captions left out
+    when the caller asked to skip them; `source` says where the set came from (file, format, split).
+    """
+
+    img_ids: list[str]
+    sentences: list[str]
+    caption_image: list[int]
+    source: str = ""
+    skipped_blank: int = 0
+
+    @property
+    def num_images(self) -> int:
+        return len(self.img_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.sentences)
+
+    def captions_of(self) -> dict[int, set[int]]:
+        """Image index -> indices of its captions (images without captions left out)."""
+        gt: dict[int, set[int]] = {}
+        for caption, image in enumerate(self.caption_image):
+            gt.setdefault(image, set()).add(caption)
+        return gt
+
+    def without_images(self, drop: set[str]) -> "CaptionSet":
+        """The set without the images `drop` names and their captions (indices renumbered, order kept)."""
+        keep = [i for i, img_id in enumerate(self.img_ids) if img_id not in drop]
+        new_index = {old: new for new, old in enumerate(keep)}
+        kept = [(s, new_index[i]) for s, i in zip(self.sentences, self.caption_image) if i in new_index]
+        return CaptionSet([self.img_ids[i] for i in keep], [s for s, _ in kept], [i for _, i in kept], self.source,
+                          self.skipped_blank)
+
+
+class _CaptionBuilder:
+    """Accumulates images (in first-seen order) and their captions."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.sentences: list[str] = []
+        self.caption_image: list[int] = []
+        self.skipped_blank = 0
+
+    def image(self, img_id: str) -> int:
+        return self.index.setdefault(img_id, len(self.index))
+
+    def caption(self, image: int, text: str | None) -> None:
+        if text is None:
+            self.skipped_blank += 1
+            return
+        self.sentences.append(text)
+        self.caption_image.append(image)
+
+    def build(self, path: Path, source: str) -> CaptionSet:
+        if not self.sentences:
+            raise PairFileError(f"{path}: no captions ({source})")
+        return CaptionSet(list(self.index), self.sentences, self.caption_image, source, self.skipped_blank)
+
+
+def read_captions(
+    path: str | Path, *, split: str | None = None, caption_source: str = "mscoco", skip_blank: bool = False
+) -> CaptionSet:
+    """The retrieval set of a caption file, recognised by content:
+
+    * Karpathy split file (a JSON object with `images`): the images of `split` (e.g. "test"; None = all) with their
+      `sentences[].raw`; img_id = `filename` without its extension (COCO_val2014_000000391895, 1000092795);
+    * LXMERT caption file (a JSON list of `{"img_id", "sentf": {source: [captions]}}`): the `caption_source`
+      captions; images without them are left out;
+    * pair file (any `load_pairs` format): every image named by a pair; the captions are the sentences of the pairs
+      labelled 1 (matched), or of every pair when the file has no labels.
+
+    A blank caption is a `PairFileError` naming the file and the entry, unless `skip_blank` (then it is counted in
+    `skipped_blank`). `split` is only meaningful for Karpathy files.
+    """
+    path = Path(path)
+    text = _read_utf8(path)
+    first_char = text.lstrip()[:1]
+    builder = _CaptionBuilder()
+    if first_char == "{" and path.suffix.lower() not in _JSON_LINES_SUFFIXES:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PairFileError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+        if isinstance(data, dict) and "images" in data:
+            return _karpathy_captions(path, data, split, skip_blank, builder)
+    if split is not None:
+        raise PairFileError(f"{path}: --split {split!r} applies to Karpathy split files (dataset_coco.json, "
+                            "dataset_flickr30k.json) only; this file is not one")
+    if first_char == "[":
+        entries = _parse_json_list(path, text)
+        if entries and isinstance(entries[0], dict) and "sentf" in entries[0]:
+            return _lxmert_captions(path, entries, caption_source, skip_blank, builder)
+    pairs = load_pairs(path, caption_source=caption_source)
+    labelled = any(p.label is not None for p in pairs)
+    for pair in pairs:
+        image = builder.image(pair.img_id)
+        if pair.label == 1 or not labelled:
+            builder.caption(image, pair.sent)
+    return builder.build(path, f"pair file {path}" + (", matched pairs" if labelled else ""))
+
+
+def _karpathy_captions(path: Path, data: dict, split: str | None, skip_blank: bool,
+                       builder: _CaptionBuilder) -> CaptionSet:
+    images = data["images"]
+    if not isinstance(images, list):
+        raise PairFileError(f"{path}: 'images' must be a list of {{'filename', 'split', 'sentences'}}")
+    splits: dict[str, int] = {}
+    for number, entry in enumerate(images):
+        where = f"{path}: images[{number}]"
+        if not isinstance(entry, dict) or "filename" not in entry or not isinstance(entry.get("sentences"), list):
+            raise PairFileError(f"{where}: expected {{'filename', 'split', 'sentences': [{{'raw'}}]}}")
+        entry_split = str(entry.get("split", ""))
+        splits[entry_split] = splits.get(entry_split, 0) + 1
+        if split is not None and entry_split != split:
+            continue
+        img_id = _img_id(Path(str(entry["filename"])).stem, where)
+        where = f"{where} ({entry['filename']})"
+        image = builder.image(img_id)
+        for number_s, sentence in enumerate(entry["sentences"]):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            builder.caption(image, _caption_text(raw, f"{where}, sentences[{number_s}].raw", skip_blank))
+    if not builder.index:
+        raise PairFileError(f"{path}: no image of split {split!r}; splits in this file: "
+                            + ", ".join(f"{name} ({count})" for name, count in sorted(splits.items())))
+    return builder.build(path, f"Karpathy file {path}, split {split or 'all'}")
+
+
+def _lxmert_captions(path: Path, entries: list, caption_source: str, skip_blank: bool,
+                     builder: _CaptionBuilder) -> CaptionSet:
+    sources_seen: set[str] = set()
+    for number, entry in enumerate(entries):
+        where = f"{path}: entry #{number}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sentf"), dict) or "img_id" not in entry:
+            raise PairFileError(f"{where}: expected {{'img_id': ..., 'sentf': {{source: [sentences]}}}}")
+        sources_seen.update(entry["sentf"])
+        captions = entry["sentf"].get(caption_source) or []
+        if not captions:
+            continue
+        image = builder.image(_img_id(entry["img_id"], where))
+        for number_s, sentence in enumerate(captions):
+            builder.caption(image, _caption_text(sentence, f"{where} ({entry['img_id']}), {caption_source} "
+                                                           f"sentence #{number_s}", skip_blank))
+    if not builder.index:
+        raise PairFileError(f"{path}: no sentences of source {caption_source!r}; sources in this file: "
+                            f"{sorted(sources_seen)}")
+    return builder.build(path, f"LXMERT caption file {path}, source {caption_source}")

@@ -1,0 +1,445 @@
+"""The retrieval run behind `eval.py --task retrieval`: captions + features -> sharded, resumable image × caption
+scoring in Lightning's test loop -> TR/IR metrics, per-query top-10, score matrix.
+
+    python eval.py --task retrieval --ckpt lxr955 --captions dataset_flickr30k.json --split test \\
+        --features flickr30k_obj36.tsv [--k 128] [--devices 2] --out runs/f30k_test
+
+How the work is shared (`lxmert_pl.retrieval.plan_blocks`): the grid is cut into blocks (image chunk × caption chunk
+for the full grid, image rows for top-k); the blocks still to score are split over the processes by
+`UnpaddedDistributedSampler`, so every pair is scored by exactly one process. Each process encodes each image and
+caption it needs through the single-modality layers once (`EncodingCache`). With `k`, the first stage runs first:
+each process encodes its share of the images (those of its blocks) and captions, the first-stage vectors are
+gathered, rank 0 picks the candidates and hands them to every process.
+
+Resume: each finished block is written to `<out>/shards/block_NNNNNN.npz` (written to a temporary name, then renamed:
+a killed run leaves only whole files) together with `shards/settings.json` (what was run) and, with `k`,
+`shards/first_stage.npz` (the candidates). A rerun with the same settings scores only the missing blocks; other
+settings in the same folder are an error. `retrieval.max_blocks=N` stops each process after N blocks (for jobs with
+a time limit); the run then reports what remains and a rerun continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from lxmert_pl.data.sampler import UnpaddedDistributedSampler
+from lxmert_pl.errors import UserInputError
+from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
+from lxmert_pl.model.heads import LxmertMatchingModel
+from lxmert_pl.model.loading import load_lxmert
+from lxmert_pl.pairs.io import CaptionSet, read_captions
+from lxmert_pl.registry import resolve_checkpoint
+from lxmert_pl.retrieval import (BlockScores, Candidates, EncodingCache, GridBlock, ImageLoader, assemble_scores,
+                                 check_k, check_mode, cross_scores, plan_blocks, relevance_matrix, split_directions)
+from lxmert_pl.runs.config import REPO_ROOT
+from lxmert_pl.runs.evaluate import build_feature_source, say
+from lxmert_pl.runs.loggers import build_loggers, wandb_logger
+from lxmert_pl.runs.outputs import metrics_table, write_metrics
+from lxmert_pl.tokenizer import LxmertTokenizer
+
+TOP_N = 10  # candidates per query in top10.json
+
+
+class ShardMismatchError(UserInputError):
+    """The output folder holds shards of a run with other settings."""
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+class ShardStore:
+    """`<out>/shards/`: finished blocks, the first stage's candidates and the settings they belong to."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Record `settings`, or check them against those already recorded (a mismatch is an error)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "settings.json"
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                diffs = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+                raise ShardMismatchError(f"{self.dir} holds the shards of a retrieval run with other settings ({diffs})"
+                                         f": use another --out, or delete {self.dir} to start over")
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def block_path(self, block: int) -> Path:
+        return self.dir / f"block_{block:06d}.npz"
+
+    def done(self, num_blocks: int) -> set[int]:
+        return {b for b in range(num_blocks) if self.block_path(b).exists()}
+
+    def write_block(self, part: BlockScores) -> None:
+        _atomic_save_npz(self.block_path(part.block), image=part.image, caption=part.caption, score=part.score)
+
+    def read_block(self, block: GridBlock, candidates: Candidates | None) -> BlockScores:
+        path = self.block_path(block.index)
+        with np.load(path, allow_pickle=False) as data:
+            part = BlockScores(block.index, data["image"], data["caption"], data["score"])
+        image, caption = block.pairs(candidates)
+        if not (np.array_equal(part.image, image.numpy()) and np.array_equal(part.caption, caption.numpy())):
+            raise ShardMismatchError(f"{path} does not hold the pairs of block {block.index} "
+                                     f"({len(part.score)} pairs, expected {len(image)}): delete it to rescore it")
+        return part
+
+    @property
+    def first_stage_path(self) -> Path:
+        return self.dir / "first_stage.npz"
+
+    def write_candidates(self, candidates: Candidates) -> None:
+        _atomic_save_npz(self.first_stage_path, i2t=candidates.i2t.numpy(), t2i=candidates.t2i.numpy())
+
+    def read_candidates(self) -> Candidates:
+        with np.load(self.first_stage_path, allow_pickle=False) as data:
+            return Candidates(torch.from_numpy(data["i2t"]), torch.from_numpy(data["t2i"]))
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class BlockDataModule(pl.LightningDataModule):
+    """The test loader over the blocks still to score, sharded over the processes once they exist (the sampler
+    reads the world size and rank of the initialised process group, so it is built in `test_dataloader`)."""
+
+    def __init__(self, pending: Sequence[GridBlock], load_images: ImageLoader, num_workers: int = 0):
+        super().__init__()
+        self.pending = list(pending)
+        self.load_images = load_images
+        self.num_workers = num_workers
+
+    def test_dataloader(self) -> DataLoader:
+        world, _ = _world()
+        # At least one item per process (None = no work): a process without batches would skip the epoch hooks and
+        # leave the others waiting in their collectives.
+        padding = [None] * max(0, world - len(self.pending), 1 - len(self.pending))
+        dataset = BlockDataset(self.pending + padding, self.load_images)
+        return DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                          sampler=UnpaddedDistributedSampler(dataset) if world > 1 else None)
+
+
+class BlockDataset(Dataset):
+    """Items = the blocks still to score (None: an empty item), each with its images' features and normalised boxes (loaded here, so
+    DataLoader workers read ahead)."""
+
+    def __init__(self, blocks: Sequence[GridBlock | None], load_images: ImageLoader):
+        self.blocks = list(blocks)
+        self.load_images = load_images
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, position: int) -> dict[str, Any] | None:
+        block = self.blocks[position]
+        if block is None:  # padding: every process runs its hooks (and their collectives) even without work
+            return None
+        features, boxes = self.load_images(list(block.images))
+        return {"block": block.index, "images": list(block.images), "features": features, "boxes": boxes}
+
+
+def source_loader(source, img_ids: Sequence[str]) -> ImageLoader:
+    """An `ImageLoader` over a feature source: image index -> (features, normalised boxes)."""
+    return _SourceLoader(source, list(img_ids))
+
+
+class _SourceLoader:
+    def __init__(self, source, img_ids: list[str]):
+        self.source, self.img_ids = source, img_ids
+
+    def __call__(self, index: Sequence[int]):
+        records = [self.source.get(self.img_ids[i]) for i in index]
+        return [r.features for r in records], [r.normalized_boxes() for r in records]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class RetrievalModule(pl.LightningModule):
+    """Scores the blocks the test loop hands it; writes each to the shard store; gathers on rank 0.
+
+    `results` after `trainer.test` (rank 0): {"parts": [BlockScores of this run], "pairs_scored": per-rank counts,
+    "captions_encoded"/"images_encoded": per-rank counts, "candidates": Candidates | None}; other ranks: None.
+    """
+
+    def __init__(self, model: LxmertMatchingModel, sentences: Sequence[str], num_images: int,
+                 plan: Sequence[GridBlock], store: ShardStore, load_images: ImageLoader, *, k: int | None,
+                 mode: str = "itm", batch_size: int = 64, max_seq_length: int = 20, max_blocks: int | None = None,
+                 candidates: Candidates | None = None):
+        super().__init__()
+        check_mode(model, mode)
+        check_k(k)
+        self.model = model
+        self.sentences = sentences
+        self.num_images = num_images
+        self.plan = list(plan)
+        self.store = store
+        self.load_images = load_images
+        self.k = k
+        self.mode = mode
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+        self.max_blocks = max_blocks
+        self.candidates = candidates
+        self.results: dict[str, Any] | None = None
+        self._parts: list[BlockScores] = []
+        self._cache: EncodingCache | None = None
+
+    def on_test_epoch_start(self) -> None:
+        self.model.eval()
+        self._parts = []
+        self._cache = EncodingCache(self.model, LxmertTokenizer(max_seq_length=self.max_seq_length), self.sentences,
+                                    self.batch_size)
+        if self.k is not None and self.candidates is None:
+            self.candidates = self._first_stage()
+
+    def _first_stage(self) -> Candidates:
+        """Each process: the images of its share of all blocks and an even share of the captions; gathered."""
+        world, rank = _world()
+        share = UnpaddedDistributedSampler(self.plan, num_replicas=world, rank=rank)
+        images = [i for block in self.plan[share.start : share.stop] for i in block.images]
+        num_captions = len(self.sentences)
+        captions = list(range(rank * num_captions // world, (rank + 1) * num_captions // world))
+        features, boxes = self.load_images(images)
+        self._cache.add_images(images, features, boxes)
+        image_vecs, caption_vecs = self._cache.first_stage_vectors(images, captions)
+        local = (images, image_vecs.cpu(), captions, caption_vecs.cpu())
+        parts = [local]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, local)
+        chosen: list[Any] = [None]
+        if rank == 0:
+            hidden = self.model.config.hidden_size
+            image_all, caption_all = torch.zeros(self.num_images, hidden), torch.zeros(num_captions, hidden)
+            for img_idx, img_vec, cap_idx, cap_vec in parts:
+                image_all[img_idx] = img_vec
+                caption_all[cap_idx] = cap_vec
+            chosen[0] = Candidates.from_first_stage(image_all @ caption_all.T, self.k)
+            self.store.write_candidates(chosen[0])
+        if world > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        return chosen[0]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch is None or (self.max_blocks is not None and len(self._parts) >= self.max_blocks):
+            return
+        block = self.plan[batch["block"]]
+        self._cache.add_images(batch["images"], batch["features"], batch["boxes"])
+        image_index, caption_index = block.pairs(self.candidates)
+        scores = cross_scores(self.model, self._cache, image_index, caption_index, self.batch_size, self.mode)
+        part = BlockScores(block.index, image_index.numpy(), caption_index.numpy(), scores.numpy())
+        self.store.write_block(part)
+        self._parts.append(part)
+
+    def on_test_epoch_end(self) -> None:
+        world, rank = _world()
+        local = {"parts": self._parts, "pairs_scored": sum(len(p.score) for p in self._parts),
+                 "captions_encoded": self._cache.captions_encoded, "images_encoded": self._cache.images_encoded}
+        gathered = [local]
+        if world > 1:
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(local, gathered, dst=0)
+        if rank != 0:
+            self.results = None
+            return
+        self.results = {"parts": [p for g in gathered for p in g["parts"]], "candidates": self.candidates,
+                        **{key: [g[key] for g in gathered] for key in ("pairs_scored", "captions_encoded",
+                                                                       "images_encoded")}}
+
+
+def _settings(cfg: DictConfig, captions: CaptionSet, weights: Path, k: int | None) -> dict[str, Any]:
+    """What the shards depend on: a rerun with other values must not reuse them."""
+    digest = hashlib.sha1()
+    for text in (*captions.img_ids, "\x00", *captions.sentences, "\x00", *map(str, captions.caption_image)):
+        digest.update(text.encode("utf-8") + b"\x01")
+    r = cfg.retrieval
+    return {"weights": str(weights), "weights_bytes": weights.stat().st_size if weights.is_file() else None,
+            "mode": cfg.mode, "precision": str(cfg.trainer.precision), "k": k, "image_block": int(r.image_block),
+            "caption_block": int(r.caption_block), "max_seq_length": int(cfg.data.max_seq_length),
+            "num_images": captions.num_images, "num_captions": captions.num_captions, "set_sha1": digest.hexdigest()}
+
+
+def retrieval_name(cfg: DictConfig) -> str:
+    r = cfg.retrieval
+    base = f"{Path(str(r.captions)).stem}_{r.split}" if r.split else Path(str(r.captions)).stem
+    return str(cfg.name or base + ("" if r.k is None else f"_k{r.k}") + ("" if cfg.mode == "itm" else "_cosine"))
+
+
+def _check_features(captions: CaptionSet, source, skip_missing: bool, source_text: str) -> CaptionSet:
+    missing = [img_id for img_id in captions.img_ids if img_id not in source]
+    if not missing:
+        return captions
+    if not skip_missing:
+        raise UserInputError(f"{len(missing)} of {captions.num_images} images of {captions.source} have no features "
+                             f"in {source_text} (e.g. {', '.join(missing[:5])}); pass the right --features, or "
+                             "data.skip_missing=true to leave them (and their captions) out")
+    say(f"Skipping {len(missing)} images without features and their captions (data.skip_missing=true), e.g. "
+        f"{', '.join(missing[:3])}")
+    return captions.without_images(set(missing))
+
+
+def build_retrieval_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
+    devices = cfg.trainer.devices
+    return pl.Trainer(accelerator=cfg.trainer.accelerator, devices=devices,
+                      strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+                      precision=cfg.trainer.precision, logger=loggers, use_distributed_sampler=False,
+                      enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
+
+
+def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
+    r = cfg.retrieval
+    if not r.captions:
+        raise UserInputError("no captions: pass --captions FILE (Karpathy split file, LXMERT caption file or pair "
+                             "file)")
+    if not Path(str(r.captions)).exists():
+        raise FileNotFoundError(2, "captions file not found", str(r.captions))
+    k = None if r.k is None else int(r.k)
+    check_k(k)
+    captions = read_captions(r.captions, split=r.split or None, caption_source=r.caption_source,
+                             skip_blank=bool(r.skip_blank))
+    name = retrieval_name(cfg)
+    out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    resolved = resolve_checkpoint(str(cfg.ckpt))
+    model, report = load_lxmert(resolved.path, model_config=cfg.model_config,
+                                require=("matching",) if cfg.mode == "itm" else ())
+    say(f"Weights: {resolved.describe()}\n  {report.summary()}")
+    source, source_text = build_feature_source(cfg, out_dir)
+    captions = _check_features(captions, source, bool(cfg.data.skip_missing), source_text)
+    if hasattr(source, "prefetch"):  # one-step: extract every image once, before the processes start
+        source.prefetch(captions.img_ids, batch_size=cfg.detector.batch_size)
+
+    store = ShardStore(out_dir / "shards")
+    store.check_settings(_settings(cfg, captions, resolved.path, k))
+    plan = plan_blocks(captions.num_images, captions.num_captions, k, int(r.image_block), int(r.caption_block))
+    done = store.done(len(plan))
+    candidates = store.read_candidates() if k is not None and store.first_stage_path.exists() else None
+    pending = [b for b in plan if b.index not in done]
+    load_images = source_loader(source, captions.img_ids)
+    module = RetrievalModule(model, captions.sentences, captions.num_images, plan, store, load_images, k=k,
+                             mode=cfg.mode, batch_size=int(cfg.data.batch_size),
+                             max_seq_length=int(cfg.data.max_seq_length),
+                             max_blocks=None if r.max_blocks is None else int(r.max_blocks), candidates=candidates)
+    loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_retrieval_trainer(cfg, loggers)
+    protocol = "full grid" if k is None else f"first stage + top-{k} re-ranking"
+    say(f"Retrieval: {captions.num_images} images x {captions.num_captions} captions ({captions.source}), "
+        f"{protocol}, {cfg.mode}\nFeatures: {source_text}\nBlocks: {len(plan)} ({len(done)} already in "
+        f"{store.dir}), output: {out_dir}")
+    if captions.skipped_blank:
+        say(f"Skipped {captions.skipped_blank} blank captions (retrieval.skip_blank=true).")
+    datamodule = BlockDataModule(pending, load_images, int(cfg.data.num_workers))
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return {"out_dir": out_dir, "metrics": {}}
+    results = module.results
+    candidates = results["candidates"]
+    new = {p.block: p for p in results["parts"]}
+    parts = list(new.values()) + [store.read_block(plan[b], candidates) for b in sorted(done)]
+    run_info = {"pairs_scored_this_run": int(sum(results["pairs_scored"])),
+                "pairs_scored_per_process": results["pairs_scored"],
+                "captions_encoded_per_process": results["captions_encoded"],
+                "images_encoded_per_process": results["images_encoded"]}
+    remaining = len(plan) - len(parts)
+    if remaining:
+        say(f"Stopped with {remaining} of {len(plan)} blocks left (retrieval.max_blocks={r.max_blocks}); rerun the "
+            f"same command to continue from {store.dir}.")
+        return {"out_dir": out_dir, "metrics": {}, "complete": False, **run_info}
+    scores = assemble_scores(parts, captions.num_images, captions.num_captions)
+    expected = captions.num_images * captions.num_captions if candidates is None else int(candidates.pairs.sum())
+    scored = sum(len(p.score) for p in parts)
+    if scored != expected:
+        raise RuntimeError(f"{scored} pairs scored, expected {expected}")
+    i2t, t2i = split_directions(scores, candidates)
+    relevant = relevance_matrix(captions.caption_image, captions.num_images)
+    metrics = grid_retrieval_metrics(i2t, relevant, t2i)
+    protocol_info = {"protocol": "full_grid" if k is None else "topk_rerank", "k": k, "split": r.split,
+                     "captions": str(r.captions), "caption_set": captions.source, "num_images": captions.num_images,
+                     "num_captions": captions.num_captions, "pairs_scored": scored, "mode": cfg.mode,
+                     "precision": str(cfg.trainer.precision), "skipped_blank_captions": captions.skipped_blank,
+                     "first_stage": None if k is None else "cosine([CLS] after language layers, mean vision state "
+                                                           "after object-relationship layers)"}
+    finite = {key: (value if math.isfinite(value) else None) for key, value in metrics.items()}
+    write_metrics(out_dir, finite, {"ckpt": str(cfg.ckpt), "weights": str(resolved.path), **protocol_info,
+                                    **run_info})
+    rows = write_top_queries(out_dir, captions, i2t, t2i, relevant)
+    if captions.num_images * captions.num_captions <= int(r.save_scores_max):
+        np.save(out_dir / "scores.npy", scores.numpy())
+        if candidates is not None:
+            _atomic_save_npz(out_dir / "candidates.npz", i2t=candidates.i2t.numpy(), t2i=candidates.t2i.numpy())
+    OmegaConf.save(cfg, out_dir / "config.yaml")
+    for logger in loggers:
+        logger.log_metrics({f"test/{key}": v for key, v in metrics.items() if math.isfinite(v)})
+        logger.save()
+    _log_wandb(loggers, metrics, rows, int(r.worst_queries))
+    say(f"Retrieval metrics (fractions; RSUM = sum of the six R@K, max 6):\n{metrics_table(metrics)}")
+    say(f"Metrics: {out_dir / 'metrics.json'}\nTop-{TOP_N} per query: {out_dir / 'top10.json'}")
+    return {"out_dir": out_dir, "metrics": metrics, "scores": scores, "complete": True, **run_info}
+
+
+def write_top_queries(out_dir: Path, captions: CaptionSet, i2t: torch.Tensor, t2i: torch.Tensor,
+                      relevant: torch.Tensor) -> list[dict]:
+    """top10.json: per query (image -> captions, caption -> images) its relevant items, the 1-based rank of the best
+    one (null: never retrieved), and the top-10 candidates with scores. Returns the rows, worst rank first."""
+    rows: list[dict] = []
+    for direction, scores, rel, names, others in (("i2t", i2t, relevant, captions.img_ids, captions.sentences),
+                                                  ("t2i", t2i.T, relevant.T, captions.sentences, captions.img_ids)):
+        queries = rel.any(dim=1).nonzero().flatten()
+        ranks = best_relevant_rank(scores[queries].float(), rel[queries])
+        top_n = min(TOP_N, scores.shape[1])
+        top_scores, top_index = scores[queries].topk(top_n, dim=1)
+        for row, q in enumerate(queries.tolist()):
+            rank = float(ranks[row])
+            rows.append({"direction": direction, "query": q, "query_text": names[q],
+                         "relevant": rel[q].nonzero().flatten().tolist(),
+                         "rank": int(rank) + 1 if math.isfinite(rank) else None,
+                         "top": [{"index": int(j), "text": others[j], "score": float(s) if math.isfinite(s) else None}
+                                 for j, s in zip(top_index[row].tolist(), top_scores[row].tolist())]})
+    tmp = out_dir / "top10.json.tmp"
+    tmp.write_text(json.dumps(rows, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "top10.json")
+    return sorted(rows, key=lambda row: -(row["rank"] or math.inf))
+
+
+def _log_wandb(loggers: list, metrics: dict, rows: list[dict], limit: int) -> None:
+    logger = wandb_logger(loggers)
+    if logger is None:
+        return
+    import wandb
+
+    run = logger.experiment
+    clean = {f"test/{key}": v for key, v in metrics.items() if math.isfinite(v)}
+    run.summary.update(clean)
+    run.log(clean)
+    columns = ["direction", "query", "rank", "relevant", "top1", "top1_score"]
+    data = [[row["direction"], row["query_text"], row["rank"], str(row["relevant"][:5]), row["top"][0]["text"],
+             row["top"][0]["score"]] for row in rows[:limit]]
+    run.log({"worst_queries": wandb.Table(columns=columns, data=data)})
+    logger.finalize("success")
+    run.finish()
