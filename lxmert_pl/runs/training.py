@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -35,21 +36,25 @@ MONITOR = "val/roc_auc"  # best.ckpt, early stopping and the non-finite check fo
 
 
 class NonFiniteValidationError(LxmertPlError):
-    """Validation gave a NaN/inf ROC-AUC: the model's scores (or the validation data) are not finite."""
+    """Validation gave NaN/inf scores or a NaN/inf ROC-AUC: training diverged, or the validation data are not finite."""
 
 
 class FiniteValidation(Callback):
-    """Stops training, with a message, when the monitored validation metric is NaN or infinite. Without it a
-    NaN silently never becomes best.ckpt, and EarlyStopping (when configured) stops the run without a word."""
+    """Stops training, with a message, when validation scores or the monitored metric are NaN or infinite. Without
+    it, NaN scores still give a plausible ROC-AUC (ties) and training goes on choosing best.ckpt on meaningless
+    numbers, and a NaN metric stops an EarlyStopping run without a word."""
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        scores = (getattr(pl_module, "results", None) or {}).get("score")
+        bad = int((~torch.isfinite(scores)).sum()) if scores is not None else 0
         value = trainer.callback_metrics.get(MONITOR)
-        if value is not None and not math.isfinite(float(value)):
+        if bad or (value is not None and not math.isfinite(float(value))):
+            total = len(scores) if scores is not None else 0
             raise NonFiniteValidationError(
-                f"training stopped: validation {MONITOR.split('/')[-1]} is {float(value)} after epoch "
-                f"{trainer.current_epoch} (global step {trainer.global_step}): the model's scores on the validation "
-                "pairs are not finite (training diverged: try a lower optim.lr; or the validation features hold "
-                "NaN/inf)")
+                f"training stopped after epoch {trainer.current_epoch} (global step {trainer.global_step}): "
+                f"{bad} of {total} validation scores are not finite (val {MONITOR.split('/')[-1]}: "
+                f"{float(value) if value is not None else None}): training diverged (try a lower optim.lr) or the "
+                "validation features hold NaN/inf")
 
 
 @contextlib.contextmanager
