@@ -153,6 +153,11 @@ def test_resume_of_a_finished_run_trains_nothing_and_says_so(task, one_epoch, ca
     assert "nothing left to train" in err and "trainer.max_epochs=1" in err
 
 
+def test_a_new_run_into_a_used_output_folder_is_refused(task, one_epoch, capsys):
+    err = _fails(capsys, _args(task, one_epoch, "--val", task["pairs"]))
+    assert f"{one_epoch / 'checkpoints' / 'last.ckpt'} exists" in err and "--resume" in err
+
+
 def test_resume_with_more_epochs_trains_them_on_the_new_schedule(task, one_epoch, tmp_path, capsys):
     import shutil
 
@@ -196,6 +201,18 @@ def test_unlabelled_validation_pairs_are_refused(task, tmp_path, capsys):
     write_pairs(tmp_path / "unlabelled.json", img_ids, 6, labelled=False)
     err = _fails(capsys, _args(task, tmp_path, "--val", tmp_path / "unlabelled.json"))
     assert "validation pairs (6) have no labels" in err
+    positives = [row for row in json.loads(task["pairs"].read_text()) if row["ground"] == "True"]
+    (tmp_path / "positives.json").write_text(json.dumps(positives))
+    err = _fails(capsys, _args(task, tmp_path, "--val", tmp_path / "positives.json"))
+    assert "labelled validation pairs are all label 1" in err
+
+
+def test_unlabelled_training_pairs_are_refused(task, tmp_path, capsys):
+    img_ids = [row["img_id"] for row in json.loads(task["pairs"].read_text())]
+    write_pairs(tmp_path / "unlabelled.json", img_ids, 6, labelled=False)
+    argv = _args(task, tmp_path)
+    argv[argv.index("--train") + 1] = str(tmp_path / "unlabelled.json")
+    assert "6 training pairs have no label" in _fails(capsys, argv)
 
 
 def test_non_finite_validation_stops_training_with_a_message(task, tmp_path, capsys):

@@ -126,6 +126,10 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     name = str(cfg.name or f"train_{Path(train_file).stem}")
     out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
     checkpoint_dir = out_dir / "checkpoints"
+    if not cfg.resume and (checkpoint_dir / "last.ckpt").exists():
+        raise UserInputError(f"{checkpoint_dir / 'last.ckpt'} exists: a new run would overwrite that run's checkpoints "
+                             f"and mix its logs; continue it with --resume {checkpoint_dir / 'last.ckpt'}, or pass "
+                             "another --out")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
