@@ -4,7 +4,8 @@ Scores per pair: `itm` = P(matched) = softmax(matching logits)[:, 1] (logit inde
 max over boxes of cos(vision output, pooled output). Evaluation collects per batch what the metrics need, all of it
 carried by the batch (pair index, score, label, img_id, sentence); at the end of the epoch every process's results
 are gathered (each pair was seen by exactly one process — see `lxmert_pl.data.sampler`), checked for duplicates and
-holes, ordered by pair index, and the metrics are computed on the whole set. Training minimises cross-entropy on the matching logits with target 1 for matched pairs.
+holes, ordered by pair index, and the metrics are computed on the whole set. Training (settings: `TrainingSettings`)
+minimises cross-entropy on the matching logits with target 1 for matched pairs.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class MatchingModule(pl.LightningModule):
         training_settings: TrainingSettings | dict[str, Any] | None = None,
         model: LxmertMatchingModel | None = None,
     ):
-        """`mode`, `threshold`, `factorize`: how pairs are scored (evaluation and validation). `training`: the
+        """`mode`, `threshold`, `factorize`: how pairs are scored (evaluation and validation). `training_settings`: the
         settings `fit` needs (None for evaluation only; a dict is accepted as saved in a checkpoint's
         hyper-parameters). `model`: an already loaded model (its config/heads must match); otherwise a fresh one is
         built (its weights then come from a Lightning checkpoint)."""
@@ -75,10 +76,9 @@ class MatchingModule(pl.LightningModule):
             training_settings = TrainingSettings(**training_settings)
         self._training_settings = training_settings
         # Plain types only: checkpoints are read back with torch.load(weights_only=True) (eval.py, --resume).
-        self.save_hyperparameters({
-            "model_config": dict(model_config), "heads": list(heads), "mode": mode, "threshold": threshold,
-            "factorize": factorize, "training_settings": asdict(training_settings) if training_settings is not None else None,
-        })
+        settings = asdict(training_settings) if training_settings is not None else None
+        self.save_hyperparameters({"model_config": dict(model_config), "heads": list(heads), "mode": mode,
+                                   "threshold": threshold, "factorize": factorize, "training_settings": settings})
         self.model = model if model is not None else LxmertMatchingModel(LxrtConfig.from_dict(model_config), tuple(heads))
         if mode == "itm" and not self.model.has_matching_head:
             raise ValueError("mode 'itm' needs a matching head (cls.seq_relationship); this model has none: "
@@ -156,12 +156,13 @@ class MatchingModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorms, as BertAdam's users set it
+        settings = self.training_settings
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.training_settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.training_settings.lr,
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr,
         )
         total = max(1, self.schedule_steps())
-        warmup = max(1, int(self.training_settings.warmup_ratio * total))
+        warmup = max(1, int(settings.warmup_ratio * total))
 
         def warmup_linear(step: int) -> float:  # BertAdam's schedule: linear warm-up, then linear decay to 0
             if step < warmup:

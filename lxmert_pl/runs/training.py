@@ -163,7 +163,8 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
                                              save_top_k=1, save_last=False, save_weights_only=True,
                                              enable_version_counter=False))
         if cfg.trainer.early_stopping_patience:
-            early_stopping = EarlyStopping(monitor=MONITOR, mode="max", patience=int(cfg.trainer.early_stopping_patience))
+            early_stopping = EarlyStopping(monitor=MONITOR, mode="max",
+                                           patience=int(cfg.trainer.early_stopping_patience))
             run_callbacks.append(early_stopping)
     loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, loggers, [*run_callbacks, *callbacks], out_dir)
