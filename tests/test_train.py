@@ -11,7 +11,7 @@ from e2e_helpers import run_script, write_shape_task
 
 from lxmert_pl.data.dataset import MatchingDataset
 from lxmert_pl.data.train_datamodule import CaptionNegativesDataset, normalise_caption
-from lxmert_pl.runs.module import MatchingModule
+from lxmert_pl.runs.module import MatchingModule, TrainingSettings
 from lxmert_pl.model import LxmertMatchingModel, get_preset
 from lxmert_pl.pairs.io import Pair
 from lxmert_pl.tokenizer import LxmertTokenizer
@@ -86,12 +86,14 @@ def test_caption_negatives(task):
 
 def test_finetune_modes_freeze_the_encoder():
     model = LxmertMatchingModel(get_preset("tiny"))
-    module = MatchingModule(model.config.to_dict(), heads=model.heads, finetune="head", model=model)
+    module = MatchingModule(model.config.to_dict(), heads=model.heads, model=model,
+                            training_settings=TrainingSettings(finetune="head"))
     module.apply_finetune_mode()
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert trainable == {"cls.seq_relationship.weight", "cls.seq_relationship.bias", "bert.pooler.dense.weight",
                          "bert.pooler.dense.bias"}
-    module.hparams.finetune, module.hparams.top_k_cross = "top-k", 1
+    module = MatchingModule(model.config.to_dict(), heads=model.heads, model=model,
+                            training_settings=TrainingSettings(finetune="top-k", top_k_cross=1))
     module.apply_finetune_mode()
     assert any(n.startswith("bert.encoder.x_layers.0.") for n, p in module.model.named_parameters() if p.requires_grad)
     assert not any(n.startswith("bert.encoder.layer.") for n, p in module.model.named_parameters() if p.requires_grad)

@@ -1,7 +1,7 @@
 """Training data: labelled pairs as they are, or captions with negatives made on the fly, in a resumable order.
 
 The order of each epoch depends only on (seed, epoch), and a run restored from a mid-epoch checkpoint skips the
-batches its global step says were already trained, so it continues exactly where the checkpoint was taken.
+batches its restored loop progress says were already trained, so it continues exactly where the checkpoint was taken.
 
 A caption file (every pair a positive) becomes LXMERT's pretraining task: each epoch, with probability
 `negative_ratio`, a pair's caption is replaced by a caption of another image (never one that is also a caption of
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from lxmert_pl.data.datamodule import MatchingDataModule
 from lxmert_pl.data.dataset import MatchingDataset
 from lxmert_pl.data.train_sampler import ResumableShuffleSampler
+from lxmert_pl.errors import UserInputError
 from lxmert_pl.pairs.io import Pair
 
 
@@ -32,14 +33,14 @@ class CaptionNegativesDataset(Dataset):
 
     def __init__(self, base: MatchingDataset, negative_ratio: float = 0.5, seed: int = 0):
         if not 0.0 <= negative_ratio <= 1.0:
-            raise ValueError(f"negative_ratio must lie in [0, 1], got {negative_ratio}")
+            raise UserInputError(f"negative_ratio must lie in [0, 1], got {negative_ratio}")
         self.base, self.negative_ratio, self.seed = base, negative_ratio, seed
         self.epoch = 0
         self.captions_of: dict[str, set[str]] = {}
         for pair in base.pairs:
             self.captions_of.setdefault(pair.img_id, set()).add(normalise_caption(pair.sent))
         if len(self.captions_of) < 2 and negative_ratio > 0:
-            raise ValueError("negatives need captions of at least two images")
+            raise UserInputError("negatives need captions of at least two images")
         self.skipped = base.skipped
 
     def set_epoch(self, epoch: int) -> None:
@@ -70,9 +71,21 @@ def is_caption_set(pairs: Sequence[Pair]) -> bool:
     """Positives only (a caption file): negatives must be made. Unlabelled pairs cannot train."""
     unlabelled = [p for p in pairs if p.label is None]
     if unlabelled:
-        raise ValueError(f"{len(unlabelled)} training pairs have no label (e.g. pair #{unlabelled[0].index}); "
-                         "training needs labelled pairs or captions")
+        raise UserInputError(f"{len(unlabelled)} training pairs have no label (e.g. pair #{unlabelled[0].index}); "
+                             "training needs labelled pairs or captions")
     return all(p.label == 1 for p in pairs)
+
+
+def check_validation_pairs(pairs: Sequence[Pair]) -> None:
+    """Validation during training ranks epochs by ROC-AUC: it needs labelled pairs of both classes."""
+    labels = {p.label for p in pairs if p.label is not None}
+    if not labels:
+        raise UserInputError(f"the validation pairs ({len(pairs)}) have no labels: validation during training "
+                             "needs labelled pairs (1 = matched, 0 = not matched); give labelled pairs to --val, "
+                             "or leave --val out")
+    if len(labels) < 2:
+        raise UserInputError(f"the labelled validation pairs are all label {labels.pop()}: ROC-AUC, by which "
+                             "best.ckpt is chosen, needs matched (1) and unmatched (0) pairs")
 
 
 class TrainingDataModule(MatchingDataModule):
@@ -87,6 +100,8 @@ class TrainingDataModule(MatchingDataModule):
         dataset = super().make_dataset(split, pairs)
         if split == "train" and is_caption_set(dataset.pairs):
             return CaptionNegativesDataset(dataset, self.negative_ratio, self.seed)
+        if split == "val":
+            check_validation_pairs(dataset.pairs)
         return dataset
 
     def train_dataloader(self) -> DataLoader:
@@ -113,12 +128,20 @@ class TrainingDataModule(MatchingDataModule):
         return super().val_dataloader() if self.pair_args["val"] is not None else []
 
     def batches_already_trained(self) -> int:
-        """Batches of the current epoch that a restored run has already trained on (0 for a fresh run)."""
+        """Batches of the epoch a restored run continues that were trained before its checkpoint (0 for a fresh run).
+
+        Read from the loop progress Lightning restored (not derived from the global step, which miscounts once
+        an epoch's last optimizer step gathers fewer batches than `accumulate_grad_batches`): a checkpoint written
+        at the end of an epoch (processed > completed) continues with the next epoch from its first batch; one
+        written after batch k of an unfinished epoch continues that epoch after its k-th batch.
+        """
         trainer = self.trainer
-        if trainer is None or trainer.global_step == 0:
+        if trainer is None:
             return 0
-        consumed = trainer.global_step * trainer.accumulate_grad_batches
-        return max(0, consumed - trainer.current_epoch * self.batches_per_epoch())
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.processed > epochs.completed:  # the restored epoch ran to its end
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def batches_per_epoch(self) -> int:
         """Training batches per epoch and process (the sampler rounds the split over processes up)."""

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Iterator
 
-from lxmert_pl.errors import InterruptedRunError, LxmertPlError
+from lxmert_pl.errors import InterruptedRunError, LxmertPlError, UserInputError
 
 # The OSError subclasses whose message (with its filename) tells the user what to fix.
 FILE_ERRORS: tuple[type[BaseException], ...] = (
@@ -48,3 +48,15 @@ def user_errors(program: str) -> Iterator[None]:
             raise
         print(f"{program}: error: {describe_error(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def lightning_settings() -> Iterator[None]:
+    """Lightning's complaints about the Trainer's arguments (which all come from the config: `--devices`,
+    `--accelerator gpu` without a GPU, ...) as user errors."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except MisconfigurationException as err:
+        raise UserInputError(f"invalid trainer setting: {err}") from None

@@ -20,6 +20,7 @@ from lxmert_pl.errors import InterruptedRunError, UserInputError
 from lxmert_pl.features.sources import expand_feature_paths, open_feature_source
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
+from lxmert_pl.runs.errors import lightning_settings
 from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logger
 from lxmert_pl.model.loading import load_lxmert
@@ -104,19 +105,20 @@ def prefetch_images(source, pairs_file: str, batch_size: int) -> None:
 
 def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
     devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
-    return pl.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=devices,
-        num_nodes=nodes,
-        strategy="ddp" if isinstance(devices, int) and devices * nodes > 1 else "auto",
-        precision=cfg.trainer.precision,
-        logger=loggers,
-        callbacks=[PairsPerSecondBar()],
-        use_distributed_sampler=False,  # the datamodule shards pairs itself, without padded duplicates
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        inference_mode=True,
-    )
+    with lightning_settings():
+        return pl.Trainer(
+            accelerator=cfg.trainer.accelerator,
+            devices=devices,
+            num_nodes=nodes,
+            strategy="ddp" if isinstance(devices, int) and devices * nodes > 1 else "auto",
+            precision=cfg.trainer.precision,
+            logger=loggers,
+            callbacks=[PairsPerSecondBar()],
+            use_distributed_sampler=False,  # the datamodule shards pairs itself, without padded duplicates
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            inference_mode=True,
+        )
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
