@@ -123,3 +123,32 @@ def test_wandb_online_without_a_reachable_server_falls_back_offline(pairs):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"wandb: cannot reach 127.0.0.1:{port}" in done.stdout
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_nonfinite_scores_are_named_or_skipped_when_asked(pairs):
+    import dataclasses
+
+    import numpy as np
+
+    from lxmert_pl.features import TsvWriter, iter_tsv_features
+
+    tmp = pairs["tmp"]
+    rows = json.loads(pairs["labelled"].read_text())
+    poisoned_id = rows[0]["img_id"]
+    tsv = tmp / "poisoned.tsv"
+    with TsvWriter(tsv) as writer:
+        for record in iter_tsv_features(SAMPLE / "features" / "val_obj.tsv"):
+            if record.img_id == poisoned_id:  # finite, but overflows inside the model
+                record = dataclasses.replace(record, features=np.full_like(record.features, 3e38))
+            writer.write(record)
+    refused = _eval("--pairs", pairs["labelled"], "--features", tsv, "--out", tmp / "nan_refused")
+    line = _user_error(refused, "non-finite score", poisoned_id, "skip_nonfinite=true")
+    assert not (tmp / "nan_refused" / "predictions.json").exists(), line
+    skipped = _eval("--pairs", pairs["labelled"], "--features", tsv, "--out", tmp / "nan_skipped",
+                    "skip_nonfinite=true")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    bad = sum(row["img_id"] == poisoned_id for row in rows)
+    predictions = json.loads((tmp / "nan_skipped" / "predictions.json").read_text())  # strict JSON: no bare NaN
+    assert len(predictions) == len(rows) - bad
+    metrics = json.loads((tmp / "nan_skipped" / "metrics.json").read_text())
+    assert metrics["num_nonfinite"] == bad and metrics["metrics"]["num_pairs"] == len(rows) - bad

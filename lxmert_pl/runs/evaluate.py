@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lxmert_pl.data.datamodule import MatchingDataModule
@@ -173,18 +174,21 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     if results.get("index") is None:
         raise RuntimeError("no pairs were scored")
     skipped = datamodule.skipped
-    rows = prediction_rows(pairs, results["index"], results["score"], module.threshold, skipped)
+    nonfinite = nonfinite_pairs(pairs, results.get("nonfinite") or [], bool(cfg.skip_nonfinite))
+    finite = torch.isfinite(results["score"])
+    rows = prediction_rows(pairs, results["index"][finite], results["score"][finite], module.threshold,
+                           [*skipped, *nonfinite])
     metrics = results.get("metrics") or {}
     with StagedResults(out_dir) as stage:
         write_predictions(stage.path, rows)
         OmegaConf.save(cfg, stage.path / "config.yaml")
         if metrics:
-            labelled = results["label"] >= 0
+            labelled = (results["label"] >= 0) & finite
             write_plots(stage.path, results["score"][labelled], results["label"][labelled], module.threshold,
                         cfg.mode)
             write_metrics(stage.path, metrics, {
                 "ckpt": str(cfg.ckpt), "weights": str(resolved.path), "mode": cfg.mode, "pairs": str(cfg.data.pairs),
-                "num_pairs_total": len(pairs), "num_skipped": len(skipped),
+                "num_pairs_total": len(pairs), "num_skipped": len(skipped), "num_nonfinite": len(nonfinite),
             })
     plots = sorted((out_dir / "plots").glob("*.png")) if metrics else []
     if stage.replaced:
@@ -195,6 +199,9 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     _log_wandb(loggers, metrics, plots, rows, int(cfg.logger.wandb.table_rows))
     if skipped:
         say(f"Skipped {len(skipped)} pairs whose img_id no feature source has (data.skip_missing=true).")
+    if nonfinite:
+        say(f"Excluded {len(nonfinite)} pairs whose score is not finite (skip_nonfinite=true), e.g. "
+            f"{describe_pairs(nonfinite)}")
     if metrics:
         say(f"Metrics on {int(metrics['num_pairs'])} labelled pairs ({cfg.mode}):\n{metrics_table(metrics)}")
     else:
@@ -208,6 +215,25 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     if resolved.is_bundled_demo:
         say("Note: these are the bundled demo weights and data; see README for --ckpt lxr955.")
     return {"out_dir": out_dir, "metrics": metrics, "predictions": rows}
+
+
+def describe_pairs(pairs: list, limit: int = 5) -> str:
+    shown = "; ".join(f"#{p.index} (question_id {p.question_id}, img_id {p.img_id!r})" for p in pairs[:limit])
+    return shown + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
+
+
+def nonfinite_pairs(pairs: list, indices: list[int], skip: bool) -> list:
+    """The pairs whose score is NaN/inf: an error naming them, unless the user asked to skip (then counted)."""
+    if not indices:
+        return []
+    by_index = {p.index: p for p in pairs}
+    bad = [by_index[i] for i in indices]
+    if not skip:
+        raise UserInputError(
+            f"{len(bad)} of {len(pairs)} pairs got a non-finite score (NaN/inf), e.g. {describe_pairs(bad)}: check "
+            "their image features (python -m lxmert_pl.features check FILE) or the model; pass skip_nonfinite=true "
+            "to leave them out of the predictions and metrics (counted)")
+    return bad
 
 
 def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict], limit: int) -> None:

@@ -232,13 +232,18 @@ class MatchingModule(pl.LightningModule):
         labelled = merged["label"] >= 0
         if self._trainer is not None and self.trainer.sanity_checking:
             return {"stage": stage, **merged, "metrics": metrics}
-        if bool(labelled.any()):
-            keep = labelled.nonzero().flatten().tolist()
+        # Non-finite scores (NaN/inf features, a diverged model) would still give plausible-looking metrics (ties):
+        # they are left out of the metrics and reported by index; the run decides whether that is an error.
+        finite = torch.isfinite(merged["score"])
+        nonfinite = index[~finite].tolist()
+        usable = labelled & finite
+        if bool(usable.any()):
+            keep = usable.nonzero().flatten().tolist()
             metrics = matching_metrics(
-                merged["score"][labelled], merged["label"][labelled],
+                merged["score"][usable], merged["label"][usable],
                 [merged["img_id"][i] for i in keep], [merged["sent"][i] for i in keep], self.threshold,
             )
-        return {"stage": stage, **merged, "metrics": metrics}
+        return {"stage": stage, **merged, "metrics": metrics, "nonfinite": nonfinite}
 
 
 def _concat(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def prediction_rows(
 
 
 def write_predictions(out_dir: Path, rows: list[dict]) -> None:
-    _atomic_write(out_dir / "predictions.json", json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    _atomic_write(out_dir / "predictions.json", json.dumps(rows, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     tmp = out_dir / "predictions.csv.tmp"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k in PREDICTION_FIELDS if any(k in r for r in rows[:1])])
