@@ -404,3 +404,11 @@ def encode_set(model: LxmertMatchingModel, tokenizer: LxmertTokenizer, sentences
     cache.add_images(range(len(features)), features, boxes)
     cache.add_captions(range(len(sentences)))
     return cache
+
+
+if __name__ == "__main__":  # the old command: say where it went instead of doing nothing
+    import sys
+
+    print("python -m lxmert_pl.retrieval: error: this command is now `python eval.py --task retrieval --captions FILE "
+          "--features TSV [--k 128]` (see README, 'Speed')", file=sys.stderr)
+    sys.exit(2)

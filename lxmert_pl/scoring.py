@@ -24,7 +24,7 @@ import torch
 
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.model.heads import LxmertMatchingModel, MatchingOutput
-from lxmert_pl.model.loading import LoadReport, load_lxmert
+from lxmert_pl.model.loading import LxrtLoadReport, load_lxmert
 from lxmert_pl.model.lxrt import EncodedImage, EncodedText
 from lxmert_pl.tokenizer import LxmertTokenizer
 
@@ -164,7 +164,7 @@ class Scorer:
         tokenizer: LxmertTokenizer | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
-        report: LoadReport | None = None,
+        report: LxrtLoadReport | None = None,
         precision: str | None = None,
     ):
         self.model = model.eval().to(device=device, dtype=None if precision is None else precision_dtype(precision))

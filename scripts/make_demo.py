@@ -47,7 +47,7 @@ COLORS = ("red", "green", "blue", "yellow", "purple", "white", "orange")
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SIZES = ("small", "large")
 
-# The demo detector: the tiny ResNet-50 C4 of lxmert_pl.detector.tiny, pooled width --dim (= 8 * res2 channels), with
+# The demo detector: the tiny ResNet-50 C4 of lxmert_pl.detector.random_weights, pooled width --dim (= 8 * res2 channels), with
 # few classes/attributes (its class scores mean nothing here: they only fill the TSV's object columns) and a strided
 # res5 (7x7 instead of the VG model's dilated 14x14: 4x less compute, for a demo that builds in minutes on a CPU).
 # Input: the scenes' short side (128-160 px) resized to 256, enough for 16-52 px shapes at the stride-16 res4 map.

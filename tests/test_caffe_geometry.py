@@ -34,7 +34,7 @@ from lxmert_pl.detector import (
     select_boxes,
 )
 from lxmert_pl.detector.rpn import RPNHead
-from lxmert_pl.detector.tiny import TINY_CONFIG
+from lxmert_pl.detector.random_weights import TINY_CONFIG
 from lxmert_pl.features.tsv import iter_tsv_features
 from lxmert_pl.registry import load_registry, resolve_checkpoint
 

@@ -35,6 +35,9 @@ def test_user_errors_are_one_line_bugs_keep_their_traceback(capsys):
     with pytest.raises(SystemExit), user_errors("prog"):
         raise IsADirectoryError(21, "Is a directory", "some/dir")
     assert capsys.readouterr().err == "prog: error: Is a directory: some/dir\n"
+    with pytest.raises(SystemExit), user_errors("prog"):
+        raise OSError(28, "No space left on device", "out/predictions.json")
+    assert capsys.readouterr().err == "prog: error: No space left on device: out/predictions.json\n"
     # A KeyError / IndexError / plain ValueError from a bug is NOT turned into a "user error".
     for bug in (KeyError("x"), IndexError("list index out of range"), ValueError("internal")):
         with pytest.raises(type(bug)), user_errors("prog"):

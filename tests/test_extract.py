@@ -35,7 +35,7 @@ from lxmert_pl.detector.extraction import (
     shard_path,
     skipped_path,
 )
-from lxmert_pl.detector.tiny import synthetic_image
+from lxmert_pl.detector.random_weights import synthetic_image
 from lxmert_pl.features.sources import FeatureSource
 from lxmert_pl.features import (
     ExtractionSettings,

@@ -23,7 +23,7 @@ from lxmert_pl.detector.probe import (
     decode_corrections,
     probe_detector,
 )
-from lxmert_pl.detector.tiny import synthetic_image
+from lxmert_pl.detector.random_weights import synthetic_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,12 +21,12 @@ from .caffemodel import CAFFE_RESNET101, CaffeLoadReport, convert_caffemodel, lo
 from .config import FrcnnConfig
 from .geometry import DEFAULT_GEOMETRY, GEOMETRIES, UnknownGeometryError, check_geometry, choose_geometry
 from .image_source import ExtractionFailedError, ImageFolderFeatureSource
-from .loading import CheckpointError, LoadReport, load_box_regressor, load_detector
+from .loading import CheckpointError, DetectorLoadReport, load_box_regressor, load_detector
 from .model import BottomUpFasterRCNN, ImageRegions, build_detector
 from .preprocess import CaffePreprocess, ImageReadError, read_image
 from .rpn import RegionProposalNetwork
-from .selection import ADAPTIVE_10_100, OBJ36, BoxSelection, Selection, select_boxes
-from .tiny import save_tiny_detector
+from .selection import ADAPTIVE_10_100, OBJ36, BoxSelection, SelectedBoxes, select_boxes
+from .random_weights import save_tiny_detector
 
 __all__ = [
     "ADAPTIVE_10_100",
@@ -46,9 +46,9 @@ __all__ = [
     "ImageFolderFeatureSource",
     "ImageReadError",
     "ImageRegions",
-    "LoadReport",
+    "DetectorLoadReport",
     "RegionProposalNetwork",
-    "Selection",
+    "SelectedBoxes",
     "UnknownGeometryError",
     "build_detector",
     "caffe_fg_probability",

@@ -48,7 +48,7 @@ from ..errors import CheckpointError, UserInputError
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
-from .loading import CONFIG_NAME, LoadReport, _abbreviate, export_port_state_dict, port_key
+from .loading import CONFIG_NAME, DetectorLoadReport, _abbreviate, export_port_state_dict, port_key
 from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
@@ -331,9 +331,9 @@ def _fit(blob: CaffeBlob, expected: tuple[int, ...]) -> np.ndarray | None:
 
 
 @dataclass
-class CaffeLoadReport(LoadReport):
-    """`LoadReport` for a `.caffemodel`: `loaded` lists caffe layers; `unexpected` layers with blobs that nothing
-    uses (reported, not fatal); `ignored` the blob-less layers (ReLU, Pooling, Python, ...)."""
+class CaffeLoadReport(DetectorLoadReport):
+    """`DetectorLoadReport` for a `.caffemodel`: `loaded` lists caffe layers; `unexpected` layers with blobs that
+    nothing uses (reported, not fatal); `ignored` the blob-less layers (ReLU, Pooling, Python, ...)."""
 
     config_source: str = ""
     net_name: str = ""

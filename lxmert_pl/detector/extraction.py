@@ -35,7 +35,7 @@ from ..features.provenance import ExtractionSettings, claim_tsv, sha256_of_file
 from ..features.record import ImageFeatures, box_problem
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
 from .geometry import DEFAULT_GEOMETRY
-from .loading import LoadReport, load_detector
+from .loading import DetectorLoadReport, load_detector
 from .model import BottomUpFasterRCNN
 from .preprocess import ImageReadError, read_image
 from .selection import BoxSelection
@@ -169,7 +169,7 @@ def extraction_settings(
     )
 
 
-def detector_file_digests(report: LoadReport) -> dict[str, str]:
+def detector_file_digests(report: DetectorLoadReport) -> dict[str, str]:
     """sha256 of the detector's config and weights files, by file name."""
     return {path.name: sha256_of_file(path) for path in (report.config_path, report.weights_path)}
 

@@ -67,7 +67,7 @@ def port_key(key: str) -> str:
 
 
 @dataclass
-class LoadReport:
+class DetectorLoadReport:
     """What `load_detector` did. `missing` / `mismatched` are always empty in a returned report (they raise)."""
 
     config_path: Path
@@ -156,7 +156,7 @@ def load_detector(
     device: str | torch.device = "cpu",
     roi_chunk_size: int = 512,
     geometry: str | None = None,
-) -> tuple[BottomUpFasterRCNN, LoadReport]:
+) -> tuple[BottomUpFasterRCNN, DetectorLoadReport]:
     """Build the detector from the port's `config.yaml` and load its checkpoint.
 
     Args:
@@ -182,7 +182,7 @@ def load_detector(
     cfg = FrcnnConfig.from_yaml(config_path)
     model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
     checkpoint = read_state_dict(weights_path)
-    report = LoadReport(
+    report = DetectorLoadReport(
         config_path=config_path, weights_path=weights_path, architecture=cfg.summary(), geometry=model.geometry
     )
 

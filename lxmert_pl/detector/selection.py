@@ -51,7 +51,7 @@ ADAPTIVE_10_100 = BoxSelection(10, 100)
 
 
 @dataclass
-class Selection:
+class SelectedBoxes:
     """Result of `select_boxes` (tensors on the input's device).
 
     `keep` (n,) indexes the input RoIs in the order the original writes them; `max_conf` (N,) covers all RoIs;
@@ -138,7 +138,7 @@ def select_boxes(
     attr_prob: torch.Tensor,
     selection: BoxSelection,
     background_first: bool,
-) -> Selection:
+) -> SelectedBoxes:
     """The original extraction's box selection.
 
     Args:
@@ -160,7 +160,7 @@ def select_boxes(
 
     objects_id = object_prob[keep].argmax(dim=1)
     attrs_id = attribute_prob[keep].argmax(dim=1)
-    return Selection(
+    return SelectedBoxes(
         keep=keep,
         max_conf=max_conf,
         objects_id=objects_id,

@@ -13,7 +13,7 @@ Formats (detected from the file, or named):
 |                  | `model.safetensors`), or such a weights file alone   |                                                  |
 | `lightning`      | this project's own Lightning checkpoints             | `model.X` -> `X`                                 |
 
-Every load returns a `LoadReport` (loaded / missing / ignored, with reasons). Architecture comes from, in order: an
+Every load returns a `LxrtLoadReport` (loaded / missing / ignored, with reasons). Architecture comes from, in order: an
 explicit config, the checkpoint's own (HF `config.json`, Lightning hyper-parameters), a JSON beside the file
 (`<name>.config.json`, `<stem>.json` or `config.json`), else the `lxr955` preset — and is checked against the tensor
 shapes. Only `torch.load(..., weights_only=True)` is used: a pickle that needs code execution is refused.
@@ -49,7 +49,7 @@ WORD_EMBEDDINGS_KEY = "bert.embeddings.word_embeddings.weight"
 
 
 @dataclass
-class LoadReport:
+class LxrtLoadReport:
     source: str
     format: str
     config_source: str
@@ -247,7 +247,7 @@ def load_lxmert(
     *,
     model_config: str | Path | LxrtConfig | None = None,
     require: Iterable[str] = (),
-) -> tuple[LxmertMatchingModel, LoadReport]:
+) -> tuple[LxmertMatchingModel, LxrtLoadReport]:
     """Build the model a checkpoint describes and load it.
 
     `require`: head names that must be present (e.g. `("matching",)` for matching-head scoring); a missing one is
@@ -297,7 +297,7 @@ def load_lxmert(
 
     model = LxmertMatchingModel(config, heads=heads)
     expected = model.state_dict()
-    report = LoadReport(str(path), fmt, config_source, heads)
+    report = LxrtLoadReport(str(path), fmt, config_source, heads)
     report.missing = [f"{name} head ({prefix}*)" for name, prefix in HEAD_PREFIXES.items() if name not in heads]
 
     missing = [k for k in expected if k not in weights and not (k == TIED_DECODER_KEY and WORD_EMBEDDINGS_KEY in weights)]

@@ -9,6 +9,7 @@ user errors too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from typing import Iterator
@@ -24,6 +25,14 @@ FILE_ERRORS: tuple[type[BaseException], ...] = (
     NotADirectoryError,
 )
 USER_ERRORS: tuple[type[BaseException], ...] = (LxmertPlError, *FILE_ERRORS)
+# Plain OSErrors that are about the machine's files, not the code: disk full, file too large, read-only, quota.
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def is_user_error(err: BaseException) -> bool:
+    if isinstance(err, USER_ERRORS):
+        return True
+    return isinstance(err, OSError) and err.errno in FILE_SYSTEM_ERRNOS
 
 
 def describe_error(err: BaseException) -> str:
@@ -43,8 +52,8 @@ def user_errors(program: str) -> Iterator[None]:
     except InterruptedRunError as err:
         print(f"{program}: interrupted: {err}", file=sys.stderr)
         sys.exit(130)  # the shell's status for a SIGINT
-    except USER_ERRORS as err:
-        if os.environ.get("LXMERT_PL_DEBUG"):
+    except Exception as err:
+        if not is_user_error(err) or os.environ.get("LXMERT_PL_DEBUG"):
             raise
         print(f"{program}: error: {describe_error(err)}", file=sys.stderr)
         sys.exit(2)
