@@ -115,7 +115,7 @@ def test_empty_sentence_names_file_line_and_pair_index(tmp_path, sentence):
 
 def test_empty_caption_names_the_entry_and_pair(tmp_path):
     path = write(tmp_path / "caps.json", json.dumps([{"img_id": "x", "sentf": {"mscoco": ["Fine.", " "]}}]))
-    with pytest.raises(PairFileError, match=r"entry #0, mscoco sentence #1 \(pair #1\): empty or whitespace-only"):
+    with pytest.raises(PairFileError, match=r"entry #0 \(x\), mscoco sentence #1 \(pair #1\): empty or whitespace-only"):
         load_pairs(path)
 
 

@@ -214,32 +214,34 @@ def _caption_text(value: Any, where: str, skip_blank: bool) -> str | None:
                         + ("" if skip_blank else " (retrieval.skip_blank=true skips such captions and counts them)"))
 
 
-def _caption_pairs(path: Path, entries: list, caption_source: str) -> list[Pair]:
-    """One positive pair per sentence of `caption_source`; images without that source are left out."""
-    pairs: list[Pair] = []
+def _iter_lxmert_captions(path: Path, entries: list, caption_source: str):
+    """(img_id, sentence_index, raw sentence, where) for every `caption_source` sentence of an LXMERT caption file,
+    checking each entry's shape; images without that source are left out; none at all is an error."""
     sources_seen: set[str] = set()
+    found = False
     for entry_index, entry in enumerate(entries):
         where = f"{path}: entry #{entry_index}"
         if not isinstance(entry, dict) or not isinstance(entry.get("sentf"), dict) or "img_id" not in entry:
             raise PairFileError(f"{where}: expected {{'img_id': ..., 'sentf': {{source: [sentences]}}}}")
         sources_seen.update(entry["sentf"])
-        for sentence_index, sentence in enumerate(entry["sentf"].get(caption_source, [])):
-            index = len(pairs)
-            pair_where = f"{where}, {caption_source} sentence #{sentence_index} (pair #{index})"
-            pairs.append(
-                Pair(
-                    index=index,
-                    question_id=index,
-                    img_id=_img_id(entry["img_id"], pair_where),
-                    sent=_sentence(sentence, pair_where),
-                    label=1,
-                    extra={"source": caption_source, "sentence_index": sentence_index},
-                )
-            )
-    if entries and not pairs:
+        img_id = _img_id(entry["img_id"], where)
+        for sentence_index, sentence in enumerate(entry["sentf"].get(caption_source) or []):
+            found = True
+            yield img_id, sentence_index, sentence, f"{where} ({img_id}), {caption_source} sentence #{sentence_index}"
+    if entries and not found:
         raise PairFileError(
             f"{path}: no sentences of source {caption_source!r}; sources in this file: {sorted(sources_seen)}"
         )
+
+
+def _caption_pairs(path: Path, entries: list, caption_source: str) -> list[Pair]:
+    """One positive pair per sentence of `caption_source` (see `_iter_lxmert_captions`)."""
+    pairs: list[Pair] = []
+    for img_id, sentence_index, sentence, where in _iter_lxmert_captions(path, entries, caption_source):
+        index = len(pairs)
+        pairs.append(Pair(index=index, question_id=index, img_id=img_id,
+                          sent=_sentence(sentence, f"{where} (pair #{index})"), label=1,
+                          extra={"source": caption_source, "sentence_index": sentence_index}))
     return pairs
 
 
@@ -377,20 +379,6 @@ def _karpathy_captions(path: Path, data: dict, split: str | None, skip_blank: bo
 
 def _lxmert_captions(path: Path, entries: list, caption_source: str, skip_blank: bool,
                      builder: _CaptionBuilder) -> CaptionSet:
-    sources_seen: set[str] = set()
-    for number, entry in enumerate(entries):
-        where = f"{path}: entry #{number}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("sentf"), dict) or "img_id" not in entry:
-            raise PairFileError(f"{where}: expected {{'img_id': ..., 'sentf': {{source: [sentences]}}}}")
-        sources_seen.update(entry["sentf"])
-        captions = entry["sentf"].get(caption_source) or []
-        if not captions:
-            continue
-        image = builder.image(_img_id(entry["img_id"], where))
-        for number_s, sentence in enumerate(captions):
-            builder.caption(image, _caption_text(sentence, f"{where} ({entry['img_id']}), {caption_source} "
-                                                           f"sentence #{number_s}", skip_blank))
-    if not builder.index:
-        raise PairFileError(f"{path}: no sentences of source {caption_source!r}; sources in this file: "
-                            f"{sorted(sources_seen)}")
+    for img_id, _, sentence, where in _iter_lxmert_captions(path, entries, caption_source):
+        builder.caption(builder.image(img_id), _caption_text(sentence, where, skip_blank))
     return builder.build(path, f"LXMERT caption file {path}, source {caption_source}")
