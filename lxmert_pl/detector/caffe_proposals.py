@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .geometry import CAFFE
-from .rpn import RPNHead
+from .rpn import RPNHead, check_anchor_count
 
 # caffe `cfg.TEST.RPN_MIN_SIZE`: proposals narrower or lower than this many ORIGINAL-image pixels are dropped.
 CAFFE_RPN_MIN_SIZE = 16.0
@@ -179,11 +179,7 @@ class CaffeProposalLayer(nn.Module):
         min_size: float = CAFFE_RPN_MIN_SIZE,
     ) -> None:
         super().__init__()
-        if head.cls_logits.out_channels != anchor_generator.num_anchors:
-            raise ValueError(
-                f"RPN head predicts {head.cls_logits.out_channels} anchors per location, "
-                f"the caffe anchor generator has {anchor_generator.num_anchors}"
-            )
+        check_anchor_count(head, anchor_generator.num_anchors)
         self.anchor_generator = anchor_generator
         self.head = head
         self.pre_nms_topk = pre_nms_topk

@@ -48,7 +48,7 @@ from ..errors import CheckpointError, UserInputError
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
-from .loading import CONFIG_NAME, DetectorLoadReport, _abbreviate, export_port_state_dict, port_key
+from .loading import CONFIG_NAME, DetectorLoadReport, _abbreviate, export_port_state_dict, port_key, raise_if_unfit
 from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
@@ -408,20 +408,9 @@ def caffemodel_port_state_dict(
                 report.ignored.append(layer.name)
     if factors:
         report.batchnorm_factors = (min(factors), max(factors))
-    if report.missing or report.mismatched:
-        problems = []
-        if report.missing:
-            problems.append(f"{len(report.missing)} missing layers: " + _abbreviate(report.missing))
-        if report.mismatched:
-            problems.append(f"{len(report.mismatched)} layers that do not fit: " + _abbreviate(report.mismatched))
-        hint = (
-            " (a caffemodel of another architecture needs its port-format config.yaml: --detector-config)"
-            if report.config_path is None
-            else ""
-        )
-        raise CheckpointError(
-            f"{net.path} does not fit the {report.config_source}{hint} ({cfg.summary()}): " + "; ".join(problems)
-        )
+    hint = (" (a caffemodel of another architecture needs its port-format config.yaml: --detector-config)"
+            if report.config_path is None else "")
+    raise_if_unfit(report, f"{net.path} does not fit the {report.config_source}{hint} ({cfg.summary()})", "layers ")
     return state
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CheckpointError  # noqa: F401  (re-exported)
+from ..weights_file import read_weights_file
 from .config import FrcnnConfig
 from .geometry import CAFFE, DEFAULT_GEOMETRY, PORT
 from .model import BottomUpFasterRCNN, build_detector
@@ -97,21 +97,26 @@ class DetectorLoadReport:
         return "\n".join(lines)
 
 
+def raise_if_unfit(report: DetectorLoadReport, what: str, unit: str = "") -> None:
+    """CheckpointError `what: N missing ...; M with another shape ...` when the report lists missing or misshapen
+    tensors (`unit`, e.g. "layers ", names what the lists hold)."""
+    if not (report.missing or report.mismatched):
+        return
+    problems = []
+    if report.missing:
+        problems.append(f"{len(report.missing)} missing {unit}".rstrip() + ": " + _abbreviate(report.missing))
+    if report.mismatched:
+        problems.append(f"{len(report.mismatched)} {unit}with another shape: " + _abbreviate(report.mismatched))
+    raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a `.safetensors` file or a torch state-dict file (`torch.load(weights_only=True)`, CPU).
 
     The port's renaming of old BatchNorm keys is applied (`gamma` -> `weight`, `beta` -> `bias`).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # unpickling refused or corrupt file: say which file and why
-            raise CheckpointError(
-                f"cannot read {path} as a torch state dict with weights_only=True: {error}"
-            ) from error
+    state = read_weights_file(path)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -200,13 +205,7 @@ def load_detector(
             report.mismatched.append(f"{source}: checkpoint {tuple(value.shape)}, config implies {tuple(tensor.shape)}")
             continue
         loaded[key] = value.to(tensor.dtype)
-    if report.missing or report.mismatched:
-        problems = []
-        if report.missing:
-            problems.append(f"{len(report.missing)} missing: " + _abbreviate(report.missing))
-        if report.mismatched:
-            problems.append(f"{len(report.mismatched)} with another shape: " + _abbreviate(report.mismatched))
-        raise CheckpointError(f"{weights_path} does not fit {config_path} ({cfg.summary()}): " + "; ".join(problems))
+    raise_if_unfit(report, f"{weights_path} does not fit {config_path} ({cfg.summary()})")
 
     for key in checkpoint:
         if key not in used:

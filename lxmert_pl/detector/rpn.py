@@ -81,6 +81,15 @@ class RPNHead(nn.Module):
         return self.cls_logits(t), self.bbox_pred(t)
 
 
+def check_anchor_count(head: RPNHead, num_anchors: int) -> None:
+    """ValueError unless the RPN head predicts one objectness channel per anchor of the generator."""
+    if head.cls_logits.out_channels != num_anchors:
+        raise ValueError(
+            f"RPN head predicts {head.cls_logits.out_channels} anchors per location, the anchor generator has "
+            f"{num_anchors}"
+        )
+
+
 class BoxDecoder:
     """Applies (dx, dy, dw, dh) deltas to boxes, detectron2 convention (no "+1"; dw/dh clamped).
 
@@ -144,11 +153,7 @@ class RegionProposalNetwork(nn.Module):
         min_size: float = 0.0,
     ) -> None:
         super().__init__()
-        if head.cls_logits.out_channels != anchor_generator.num_anchors:
-            raise ValueError(
-                f"RPN head predicts {head.cls_logits.out_channels} anchors per location, "
-                f"the anchor generator has {anchor_generator.num_anchors}"
-            )
+        check_anchor_count(head, anchor_generator.num_anchors)
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_decoder = box_decoder
