@@ -171,7 +171,7 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     except SystemExit:
         if trainer.interrupted or trainer.received_sigterm:  # Lightning exits quietly on Ctrl-C / SIGTERM
             raise InterruptedRunError(
-                f"training interrupted at global step {trainer.global_step}; {describe_checkpoints(checkpoint_dir)}"
+                f"training stopped at global step {trainer.global_step}; {describe_checkpoints(checkpoint_dir)}"
             ) from None
         raise
     metrics = (module.results or {}).get("metrics") or {}
