@@ -178,4 +178,4 @@ def test_cli_errors(tmp_path, capsys):
     if (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
         with pytest.raises(SystemExit) as exit_info:
             detector_main(["probe", "--detector", "demo-frcnn", "--images", str(tmp_path)])  # an empty folder
-        assert exit_info.value.code == 2 and "no readable image in" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and "no images in" in capsys.readouterr().err

@@ -28,9 +28,9 @@ def task(tmp_path_factory):
     return {**data, "ckpt": tmp / "init.pth", "tmp": tmp}
 
 
-def _train(task, out, *extra):
+def _train(task, out, *extra, max_epochs: int = 3):
     proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", task["tsv"],
-                      "--batch-size", "8", "--max-epochs", "3", "--out", out, "trainer.log_every_n_steps=1",
+                      "--batch-size", "8", "--max-epochs", str(max_epochs), "--out", out, "trainer.log_every_n_steps=1",
                       "trainer.accelerator=cpu", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -55,7 +55,7 @@ def test_resume_mid_epoch_continues_exactly(task, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_training_and_its_checkpoint_evaluates(task, tmp_path):
-    _train(task, tmp_path / "ddp", "--devices", "2", "--val", task["pairs"], "trainer.max_epochs=1")
+    _train(task, tmp_path / "ddp", "--devices", "2", "--val", task["pairs"], max_epochs=1)
     best = tmp_path / "ddp" / "checkpoints" / "best.ckpt"
     assert best.exists() and (tmp_path / "ddp" / "checkpoints" / "last.ckpt").exists()
     proc = run_script("eval.py", "--ckpt", best, "--pairs", task["pairs"], "--features", task["tsv"],

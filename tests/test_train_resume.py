@@ -179,7 +179,7 @@ def test_resume_with_more_epochs_trains_them_on_the_new_schedule(task, one_epoch
 
 # -------------------------------------------------------------------------------------------------- messages
 @pytest.mark.parametrize("flags, said", [
-    (("--devices", "0"), "invalid trainer setting: `Trainer(devices=0)`"),
+    (("--devices", "0"), "argument --devices: must be a positive integer, got 0"),
     (("--max-epochs", "-2"), "trainer.max_epochs must be a whole number >= 1, got -2"),
     (("--max-epochs", "0"), "trainer.max_epochs must be a whole number >= 1, got 0 (nothing would be trained "
                             "and no checkpoint written)"),
