@@ -141,6 +141,8 @@ def load_detector(
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
     roi_chunk_size: int = 512,
+    precision: str = "fp32",
+    fuse_batchnorm: bool = True,
 ) -> tuple[BottomUpFasterRCNN, LoadReport]:
     """Build the detector from the port's `config.yaml` and load its checkpoint.
 
@@ -149,6 +151,9 @@ def load_detector(
         config: the config file, if not `config.yaml` next to the weights.
         device: where the model goes.
         roi_chunk_size: RoIs per res5 call (memory bound; see `Res5RoIHead`).
+        precision: "fp32" or "bf16" (res5 of the RoI head in bfloat16; see `BottomUpFasterRCNN.set_precision`).
+        fuse_batchnorm: fold the frozen BatchNorms into the convs after loading (faster; within the golden
+            tolerances). The report and the key checks are those of the checkpoint as stored.
     Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies.
     """
     config_path, weights_path = resolve_detector_files(path, config)
@@ -192,7 +197,9 @@ def load_detector(
             "note: the checkpoint's cell anchors differ from those ANCHOR_GENERATOR in the config generates; "
             "the checkpoint's are used"
         )
-    return model.to(device), report
+    if fuse_batchnorm:
+        model.fuse_batchnorm()
+    return model.set_precision(precision).to(device), report
 
 
 def export_port_state_dict(model: BottomUpFasterRCNN, cfg: FrcnnConfig) -> dict[str, torch.Tensor]:
