@@ -2,7 +2,7 @@
 
     python extract.py --images DIR_OR_LISTFILE --out FILE.tsv --detector frcnn-vg-finetuned
                       [--boxes 36 | --min-boxes 10 --max-boxes 100] [--given-boxes BOXES.json]
-                      [--batch-size N] [--devices N] [--device cpu|cuda]
+                      [--batch-size N] [--devices N] [--device cpu|cuda] [--precision fp32|bf16]
 
 DIR: the image files directly in it; LISTFILE: one image path per line (relative to the list file). The row id is the
 file name without its extension. The detector is an alias of checkpoints/registry.yaml (`frcnn-vg-finetuned`,
@@ -10,7 +10,9 @@ downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's 
 `pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
 only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
-ones, and images without an entry are skipped.
+ones, and images without an entry are skipped. `--precision bf16` runs the detector's RoI head (res5, ~92% of its
+compute) in bfloat16: ~2.5x faster on CPUs with AMX / AVX-512 bf16 and on GPU tensor cores; proposals and outputs stay
+float32 (bench/README.md gives its agreement with fp32).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--devices", type=int, default=1, help="worker processes (one GPU each with --device cuda)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="detector RoI head precision (bf16: faster, features within cosine 0.9999 of fp32)")
     args = parser.parse_args(argv)
     adaptive = args.min_boxes is not None or args.max_boxes is not None
     if adaptive and args.boxes is not None:
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             devices=args.devices,
             device=args.device,
             detector_config=args.detector_config,
+            precision=args.precision,
         )
     return 0 if result.written + result.already_done > 0 or not result.skipped else 1
 

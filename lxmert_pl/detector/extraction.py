@@ -159,6 +159,7 @@ class ExtractionJob:
     selection: BoxSelection
     given_boxes: dict[str, np.ndarray] | None
     batch_size: int
+    precision: str = "fp32"
 
 
 def run_extraction(
@@ -172,19 +173,25 @@ def run_extraction(
     device: str = "cpu",
     detector_config: str | Path | None = None,
     log: Callable[[str], None] = print,
+    precision: str = "fp32",
 ) -> ExtractionResult:
-    """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees)."""
+    """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees).
+
+    `precision`: "fp32" or "bf16" (the detector's RoI head res5 in bfloat16; proposals and outputs float32)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if devices < 1 or batch_size < 1:
         raise ValueError(f"devices and batch_size must be >= 1, got {devices}, {batch_size}")
     if device == "cuda" and devices > torch.cuda.device_count():
         raise ValueError(f"--devices {devices} with cuda, but {torch.cuda.device_count()} GPU(s) are visible")
-    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size)
+    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size, precision)
 
     # Loaded here also when workers do the work: it checks the checkpoint and names the weights before anything runs.
     model, report = load_detector(
-        detector, config=detector_config, device=_device_for(device, 0) if devices == 1 else "cpu"
+        detector,
+        config=detector_config,
+        device=_device_for(device, 0) if devices == 1 else "cpu",
+        precision=precision,
     )
     log(report.summary())
 
@@ -205,7 +212,7 @@ def run_extraction(
     log(
         f"{len(paths)} images: {result.already_done} already in {out}, {len(todo)} to extract "
         f"({selection.describe() if given_boxes is None else 'given boxes'}, batch {batch_size}, "
-        f"{devices} x {device})"
+        f"{devices} x {device}, detector precision {precision})"
     )
 
     with (
@@ -306,7 +313,7 @@ def _shard_worker(
     """One worker process: extract `paths` into `shard`, reporting progress and skips through `messages`."""
     if threads is not None:
         torch.set_num_threads(threads)
-    model, _ = load_detector(job.detector, config=job.detector_config, device=device)
+    model, _ = load_detector(job.detector, config=job.detector_config, device=device, precision=job.precision)
     with TsvWriter(shard, append=True, repair=True) as writer:
         extract_batches(
             model,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torchvision.ops import RoIPool
 
+from ..errors import ConfigError
 from ..features.types import ImageFeatures
 from .backbone import ResNetC4, build_backbone, fuse_batchnorms
 from .config import FrcnnConfig
@@ -115,7 +116,7 @@ class BottomUpFasterRCNN(nn.Module):
         """Run res5 in float32 ("fp32") or bfloat16 ("bf16", ~2.5x faster on CPUs with AMX / AVX-512 bf16 and on
         tensor cores). Outputs stay float32 and the proposals are the float32 ones. Returns the model."""
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown detector precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown detector precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.roi_head.set_dtype(PRECISIONS[precision])
         return self
 

@@ -61,6 +61,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         paths = [str(_require_file(p, "feature file")) for p in data.features]
         return open_feature_source(paths), f"features: {', '.join(paths)}"
     import numpy as np
+    import torch
 
     from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, load_detector
 
@@ -70,7 +71,11 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         with open(_require_file(data.boxes, "boxes file"), encoding="utf-8") as f:
             boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
-    detector, report = load_detector(detector_ckpt.path)
+    accelerator = str(cfg.trainer.accelerator)
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    detector, report = load_detector(
+        detector_ckpt.path, device="cuda" if use_gpu else "cpu", precision=cfg.detector.get("precision", "fp32")
+    )
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
     selection = BoxSelection(cfg.detector.min_boxes, cfg.detector.max_boxes)
