@@ -16,7 +16,8 @@ float32.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -143,6 +144,12 @@ class BottomUpFasterRCNN(nn.Module):
         boxes = [None] * len(blobs) if boxes is None else boxes
         if len(boxes) != len(blobs):
             raise ValueError(f"got {len(boxes)} box sets for {len(blobs)} images")
+        with ieee_fp32_convolutions(blobs[0].device):
+            return self._forward(blobs, boxes)
+
+    def _forward(
+        self, blobs: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor | None]
+    ) -> list[NetworkOutputs]:
         crops, crop_index, image_boxes, image_logits = [], [], [], []
         num_crops = 0
         for blob, given in zip(blobs, boxes, strict=True):
@@ -290,6 +297,27 @@ def build_detector(cfg: FrcnnConfig, roi_chunk_size: int = 512, channels_last: b
     )
     backbone = build_backbone(cfg, channels_last=channels_last)
     return BottomUpFasterRCNN(transform, backbone, rpn, roi_head, background_first=False).eval()
+
+
+@contextmanager
+def ieee_fp32_convolutions(device: torch.device) -> Iterator[None]:
+    """On CUDA, float32 convolutions in full IEEE precision inside the block (cuDNN's default rounds their inputs
+    to TF32, a 10-bit mantissa: far outside the golden tolerances); the previous setting is restored after.
+    bfloat16 convolutions (the bf16 head) are not affected. Nothing to do on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    # torch >= 2.9: per-backend `fp32_precision`; older: the legacy `allow_tf32` flag (never mix the two APIs).
+    owner, name, exact = (conv, "fp32_precision", "ieee") if hasattr(conv, "fp32_precision") else (
+        torch.backends.cudnn, "allow_tf32", False
+    )
+    previous = getattr(owner, name)
+    setattr(owner, name, exact)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
 
 
 def validate_boxes(boxes: np.ndarray) -> torch.Tensor:
