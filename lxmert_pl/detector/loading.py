@@ -165,8 +165,28 @@ def load_detector(
     """
     config_path, weights_path = resolve_detector_files(path, config)
     cfg = FrcnnConfig.from_yaml(config_path)
-    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
     checkpoint = read_state_dict(weights_path)
+    return detector_from_port_state_dict(
+        cfg, checkpoint, config_path, weights_path, device=device, roi_chunk_size=roi_chunk_size, geometry=geometry
+    )
+
+
+def detector_from_port_state_dict(
+    cfg: FrcnnConfig,
+    checkpoint: dict[str, torch.Tensor],
+    config_path: str | Path,
+    weights_path: str | Path,
+    device: str | torch.device = "cpu",
+    roi_chunk_size: int = 512,
+    geometry: str = DEFAULT_GEOMETRY,
+) -> tuple[BottomUpFasterRCNN, LoadReport]:
+    """The detector for `cfg` with the tensors of `checkpoint`, a state dict under the port's key names (what
+    `load_detector` reads from a file, or weights converted from another format, e.g. a .caffemodel mapped to the
+    port's keys and layout). `config_path` and `weights_path` only name the sources in the report and errors.
+    The `caffe` geometry needs no `cell_anchors` key. Other arguments and errors as `load_detector`.
+    """
+    config_path, weights_path = Path(config_path), Path(weights_path)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
     report = LoadReport(
         config_path=config_path, weights_path=weights_path, architecture=cfg.summary(), geometry=model.geometry
     )
