@@ -24,15 +24,19 @@ from lxmert_pl.detector import (
     OBJ36,
     CaffeAnchorGenerator,
     CaffeProposalLayer,
+    CheckpointError,
+    FrcnnConfig,
     UnknownGeometryError,
     build_detector,
     caffe_fg_probability,
     caffe_nms,
     choose_geometry,
+    detector_from_port_state_dict,
     load_detector,
     read_image,
     select_boxes,
 )
+from lxmert_pl.detector.loading import read_state_dict
 from lxmert_pl.detector.rpn import RPNHead
 from lxmert_pl.detector.tiny import TINY_CONFIG
 from lxmert_pl.features.tsv import iter_tsv_features
@@ -316,9 +320,6 @@ def test_eval_detector_geometry_key(tmp_path, key, expected):
 
 def test_state_dict_without_port_anchors_loads_for_caffe_only(frcnn_golden):
     """Weights converted from another format (no `cell_anchors`) run the caffe geometry; the port one needs them."""
-    from lxmert_pl.detector import CheckpointError, FrcnnConfig, detector_from_port_state_dict
-    from lxmert_pl.detector.loading import read_state_dict
-
     cfg = FrcnnConfig.from_yaml(frcnn_golden / "tiny_config.yaml")
     state = read_state_dict(frcnn_golden / "tiny_frcnn.safetensors")
     del state["proposal_generator.anchor_generator.cell_anchors.0"]
