@@ -2,7 +2,8 @@
 
     python extract.py --images DIR_OR_LISTFILE --out FILE.tsv --detector frcnn-vg-finetuned
                       [--boxes 36 | --min-boxes 10 --max-boxes 100] [--given-boxes BOXES.json]
-                      [--batch-size N] [--devices N] [--device cpu|cuda] [--precision fp32|bf16]
+                      [--batch-size N] [--devices N] [--device cpu|cuda] [--geometry port|caffe]
+                      [--precision fp32|bf16]
 
 DIR: the image files directly in it; LISTFILE: one image path per line (relative to the list file). The row id is the
 file name without its extension. The detector is an alias of checkpoints/registry.yaml (`frcnn-vg-finetuned`,
@@ -10,9 +11,11 @@ downloaded on first use; `demo-frcnn`, bundled) or a directory in the HF port's 
 `pytorch_model.bin` or `*.safetensors`). Rerunning the same command after an interruption extracts
 only what is missing. Unreadable images are skipped and listed in `<out>.skipped.txt`. With `--given-boxes`
 (`{img_id: [[x1, y1, x2, y2], ...]}`, original pixels) the features of those boxes are extracted instead of detected
-ones, and images without an entry are skipped. `--precision bf16` runs the detector's RoI head (res5, ~92% of its
-compute) in bfloat16: ~2.5x faster on CPUs with AMX / AVX-512 bf16 and on GPU tensor cores; proposals and outputs stay
-float32 (bench/README.md gives its agreement with fp32).
+ones, and images without an entry are skipped. `--geometry` picks the proposal layer: `caffe` (the original
+bottom-up-attention one, the registry's default for frcnn-vg-finetuned) or `port` (the HF port's; the default for
+demo-frcnn and for detector directories); the run prints the one it used. `--precision bf16` runs
+the detector's RoI head (res5, ~92% of its compute) in bfloat16: faster on CPUs with AVX-512 bf16 / AMX and on GPU
+tensor cores; proposals and outputs stay float32 (bench/README.md gives its speed and agreement with fp32).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import sys
 
 from lxmert_pl.detector.extraction import list_images, load_given_boxes, run_extraction
+from lxmert_pl.detector.geometry import GEOMETRIES, choose_geometry
 from lxmert_pl.detector.selection import BoxSelection
 from lxmert_pl.runs.errors import user_errors
 from lxmert_pl.registry import resolve_checkpoint
@@ -40,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--devices", type=int, default=1, help="worker processes (one GPU each with --device cuda)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--geometry", default=None, choices=GEOMETRIES,
+                        help="proposal geometry (default: the registry's for an alias, else port)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="detector RoI head precision (bf16: faster, features within cosine 0.9999 of fp32)")
     args = parser.parse_args(argv)
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors("extract.py"):
         detector = resolve_checkpoint(args.detector)
         print(f"Detector: {detector.describe()}")
+        geometry = choose_geometry(args.geometry, detector.geometry)
         result = run_extraction(
             list_images(args.images),
             args.out,
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             devices=args.devices,
             device=args.device,
             detector_config=args.detector_config,
+            geometry=geometry,
             precision=args.precision,
         )
     return 0 if result.written + result.already_done > 0 or not result.skipped else 1

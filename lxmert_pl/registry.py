@@ -78,7 +78,8 @@ class Entry:
     """One registry alias.
 
     `downloads` is empty for bundled and manual-only entries; `bundled_dir` is set only for bundled entries (the
-    folder holding the registry file); `manual` is a page to fetch the checkpoint from by hand.
+    folder holding the registry file); `manual` is a page to fetch the checkpoint from by hand; `geometry` is a
+    detector's default proposal geometry ("port" or "caffe", see `lxmert_pl.detector.geometry`), None otherwise.
     """
 
     alias: str
@@ -88,16 +89,19 @@ class Entry:
     downloads: tuple[RemoteFile, ...] = ()
     bundled_dir: Path | None = None
     manual: str | None = None
+    geometry: str | None = None
 
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """A local checkpoint path; `alias`, `format` and `description` are None for a path given directly."""
+    """A local checkpoint path; `alias`, `format`, `description` and `geometry` (a detector's default proposal
+    geometry) are None for a path given directly."""
 
     path: Path
     alias: str | None = None
     format: str | None = None
     description: str | None = None
+    geometry: str | None = None
 
     def describe(self) -> str:
         """Say plainly which weights these are; bundled demo weights are named as such."""
@@ -135,7 +139,11 @@ def _parse_entry(alias: str, fields: Any, registry_path: Path) -> Entry:
         raise RegistryError(f"{where}: needs at least `file`, `format` and `description`")
     if fields["format"] not in FORMATS:
         raise RegistryError(f"{where}: format {fields['format']!r} is not one of {', '.join(FORMATS)}")
-    entry = Entry(alias=alias, file=str(fields["file"]), format=fields["format"], description=fields["description"])
+    geometry = fields.get("geometry")
+    if geometry is not None and not isinstance(geometry, str):
+        raise RegistryError(f"{where}: `geometry` must be a detector geometry name (port or caffe), got {geometry!r}")
+    entry = Entry(alias=alias, file=str(fields["file"]), format=fields["format"], description=fields["description"],
+                  geometry=geometry)
     source = fields.get("source")
     if source == BUNDLED:
         return replace(entry, bundled_dir=registry_path.parent.resolve())
@@ -200,7 +208,7 @@ def resolve_checkpoint(
     root = entry.bundled_dir or Path(checkpoints_dir or default_checkpoints_dir()).expanduser()
     _fetch_missing(entry, root, download=download, progress=progress)
     return ResolvedCheckpoint(path=root / entry.file, alias=entry.alias, format=entry.format,
-                              description=entry.description)
+                              description=entry.description, geometry=entry.geometry)
 
 
 def _fetch_missing(entry: Entry, root: Path, *, download: bool, progress: bool) -> None:

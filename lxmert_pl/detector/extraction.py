@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids, repair_truncated
 from ..features.types import ImageFeatures
+from .geometry import DEFAULT_GEOMETRY
 from .loading import load_detector
 from .model import BottomUpFasterRCNN, validate_boxes
 from .preprocess import ImageReadError, read_image
@@ -159,6 +160,7 @@ class ExtractionJob:
     selection: BoxSelection
     given_boxes: dict[str, np.ndarray] | None
     batch_size: int
+    geometry: str = DEFAULT_GEOMETRY
     precision: str = "fp32"
 
 
@@ -173,24 +175,26 @@ def run_extraction(
     device: str = "cpu",
     detector_config: str | Path | None = None,
     log: Callable[[str], None] = print,
+    geometry: str = DEFAULT_GEOMETRY,
     precision: str = "fp32",
 ) -> ExtractionResult:
-    """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees).
-
-    `precision`: "fp32" or "bf16" (the detector's RoI head res5 in bfloat16; proposals and outputs float32)."""
+    """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees), with the
+    detector's `geometry` ("port" or "caffe", `geometry.py`) and `precision` ("fp32" or "bf16": the RoI head's res5
+    in bfloat16; proposals and outputs float32)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if devices < 1 or batch_size < 1:
         raise ValueError(f"devices and batch_size must be >= 1, got {devices}, {batch_size}")
     if device == "cuda" and devices > torch.cuda.device_count():
         raise ValueError(f"--devices {devices} with cuda, but {torch.cuda.device_count()} GPU(s) are visible")
-    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size, precision)
+    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size, geometry, precision)
 
     # Loaded here also when workers do the work: it checks the checkpoint and names the weights before anything runs.
     model, report = load_detector(
         detector,
         config=detector_config,
         device=_device_for(device, 0) if devices == 1 else "cpu",
+        geometry=geometry,
         precision=precision,
     )
     log(report.summary())
@@ -313,7 +317,9 @@ def _shard_worker(
     """One worker process: extract `paths` into `shard`, reporting progress and skips through `messages`."""
     if threads is not None:
         torch.set_num_threads(threads)
-    model, _ = load_detector(job.detector, config=job.detector_config, device=device, precision=job.precision)
+    model, _ = load_detector(
+        job.detector, config=job.detector_config, device=device, geometry=job.geometry, precision=job.precision
+    )
     with TsvWriter(shard, append=True, repair=True) as writer:
         extract_batches(
             model,

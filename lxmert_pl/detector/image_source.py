@@ -142,11 +142,11 @@ class ImageFolderFeatureSource:
         return self._reader
 
     def _check_cache_settings(self) -> None:
-        """The cache must come from the same detector weights and selection / given-boxes mode (recorded beside it);
-        a cache made otherwise is stale: it is discarded (with a message) and extraction starts afresh."""
+        """The cache must come from the same detector weights, geometry and selection / given-boxes mode (recorded
+        beside it); a cache made otherwise is stale: it is discarded (with a message) and extraction starts afresh."""
         meta_path = self.cache_path.with_name(self.cache_path.name + ".meta.json")
         settings = {"selection": self.selection.describe() if self.given_boxes is None else "given boxes",
-                    "detector": _weights_fingerprint(self.detector)}
+                    "detector": _weights_fingerprint(self.detector), "geometry": self.detector.geometry}
         if meta_path.exists():
             recorded = json.loads(meta_path.read_text(encoding="utf-8"))
             if recorded == settings:

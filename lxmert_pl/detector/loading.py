@@ -4,7 +4,9 @@ A detector directory holds `config.yaml` (the port's format, see `config.FrcnnCo
 `pytorch_model.bin` (a plain state dict, read with `torch.load(weights_only=True)`) or `*.safetensors`. Every tensor
 of this module is looked up under the port's key name (`port_key`); the report counts what was loaded, what the
 checkpoint lacks (an error), what it has that nothing uses (reported) and what is known but unused at test time
-(BatchNorm `num_batches_tracked`, the box-regression layer `bbox_pred`: obj36 boxes are unregressed proposals).
+(BatchNorm `num_batches_tracked`, the box-regression layer `bbox_pred`: obj36 boxes are unregressed proposals; the
+`caffe` geometry also leaves `cell_anchors` unused: it generates caffe's anchors). `load_box_regressor` reads
+`bbox_pred` on its own, for the geometry probe (`probe.py`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from ..errors import CheckpointError  # noqa: F401  (re-exported)
 from .config import FrcnnConfig
+from .geometry import CAFFE, DEFAULT_GEOMETRY, PORT
 from .model import BottomUpFasterRCNN, build_detector
+from .rpn import AnchorGenerator
 
 CONFIG_NAME = "config.yaml"
 WEIGHT_NAMES = ("pytorch_model.bin", "model.safetensors")
@@ -41,6 +46,8 @@ _BLOCK_RENAMES = (
 )
 # Port keys that exist in every checkpoint but have no role at test time.
 _IGNORED = re.compile(r"(\.num_batches_tracked$)|(^roi_heads\.box_predictor\.bbox_pred\.(weight|bias)$)")
+_CELL_ANCHORS_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
+_BOX_REGRESSOR_KEY = "roi_heads.box_predictor.bbox_pred"
 
 
 def port_key(key: str) -> str:
@@ -72,14 +79,16 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     architecture: str = ""
+    geometry: str = DEFAULT_GEOMETRY
 
     def summary(self) -> str:
+        unused = "num_batches_tracked, bbox_pred" + (", cell_anchors" if self.geometry == CAFFE else "")
         lines = [
             f"detector weights: {self.weights_path}",
             f"detector config:  {self.config_path} ({self.architecture})",
+            f"detector geometry: {self.geometry} ({_GEOMETRY_WORDS[self.geometry]})",
             f"loaded {len(self.loaded)} tensors ({self.num_values:,} values); missing {len(self.missing)}; "
-            f"unexpected {len(self.unexpected)}; ignored {len(self.ignored)} "
-            "(num_batches_tracked, bbox_pred: unused at test time)",
+            f"unexpected {len(self.unexpected)}; ignored {len(self.ignored)} ({unused}: unused at test time)",
         ]
         if self.unexpected:
             lines.append("unexpected keys (not used): " + _abbreviate(self.unexpected))
@@ -141,6 +150,7 @@ def load_detector(
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
     roi_chunk_size: int = 512,
+    geometry: str = DEFAULT_GEOMETRY,
     precision: str = "fp32",
     fuse_batchnorm: bool = True,
 ) -> tuple[BottomUpFasterRCNN, LoadReport]:
@@ -151,16 +161,50 @@ def load_detector(
         config: the config file, if not `config.yaml` next to the weights.
         device: where the model goes.
         roi_chunk_size: RoIs per res5 call (memory bound; see `Res5RoIHead`).
+        geometry: "port" or "caffe" proposal geometry (`geometry.py`); the same weights serve both.
         precision: "fp32" or "bf16" (res5 of the RoI head in bfloat16; see `BottomUpFasterRCNN.set_precision`).
         fuse_batchnorm: fold the frozen BatchNorms into the convs after loading (faster; within the golden
             tolerances). The report and the key checks are those of the checkpoint as stored.
-    Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies.
+    Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies, and
+    `UnknownGeometryError` for another geometry name.
     """
     config_path, weights_path = resolve_detector_files(path, config)
     cfg = FrcnnConfig.from_yaml(config_path)
-    model = build_detector(cfg, roi_chunk_size=roi_chunk_size)
     checkpoint = read_state_dict(weights_path)
-    report = LoadReport(config_path=config_path, weights_path=weights_path, architecture=cfg.summary())
+    return detector_from_port_state_dict(
+        cfg,
+        checkpoint,
+        config_path,
+        weights_path,
+        device=device,
+        roi_chunk_size=roi_chunk_size,
+        geometry=geometry,
+        precision=precision,
+        fuse_batchnorm=fuse_batchnorm,
+    )
+
+
+def detector_from_port_state_dict(
+    cfg: FrcnnConfig,
+    checkpoint: dict[str, torch.Tensor],
+    config_path: str | Path,
+    weights_path: str | Path,
+    device: str | torch.device = "cpu",
+    roi_chunk_size: int = 512,
+    geometry: str = DEFAULT_GEOMETRY,
+    precision: str = "fp32",
+    fuse_batchnorm: bool = True,
+) -> tuple[BottomUpFasterRCNN, LoadReport]:
+    """The detector for `cfg` with the tensors of `checkpoint`, a state dict under the port's key names (what
+    `load_detector` reads from a file, or weights converted from another format, e.g. a .caffemodel mapped to the
+    port's keys and layout). `config_path` and `weights_path` only name the sources in the report and errors.
+    The `caffe` geometry needs no `cell_anchors` key. Other arguments and errors as `load_detector`.
+    """
+    config_path, weights_path = Path(config_path), Path(weights_path)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
+    report = LoadReport(
+        config_path=config_path, weights_path=weights_path, architecture=cfg.summary(), geometry=model.geometry
+    )
 
     target = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
@@ -186,20 +230,54 @@ def load_detector(
 
     for key in checkpoint:
         if key not in used:
-            (report.ignored if _IGNORED.search(key) else report.unexpected).append(key)
+            ignored = _IGNORED.search(key) or (model.geometry == CAFFE and key == _CELL_ANCHORS_KEY)
+            (report.ignored if ignored else report.unexpected).append(key)
     model.load_state_dict(loaded, strict=True)
     report.loaded = sorted(loaded)
     report.num_values = sum(t.numel() for t in loaded.values())
 
-    generated = model.rpn.anchor_generator.generate_cell_anchors(cfg.anchor_sizes, cfg.anchor_aspect_ratios)
-    if not torch.allclose(generated, model.rpn.anchor_generator.cell_anchors, atol=1e-3):
+    generated = AnchorGenerator.generate_cell_anchors(cfg.anchor_sizes, cfg.anchor_aspect_ratios)
+    stored = checkpoint.get(_CELL_ANCHORS_KEY)
+    if stored is not None and (stored.shape != generated.shape or not torch.allclose(generated, stored, atol=1e-3)):
+        used_instead = (
+            "the caffe geometry generates caffe's anchors and reads the RPN channels as sizes-outer, ratios-inner "
+            "all the same"
+            if model.geometry == CAFFE
+            else "the checkpoint's are used"
+        )
         report.notes.append(
             "note: the checkpoint's cell anchors differ from those ANCHOR_GENERATOR in the config generates; "
-            "the checkpoint's are used"
+            + used_instead
         )
     if fuse_batchnorm:
         model.fuse_batchnorm()
     return model.set_precision(precision).to(device), report
+
+
+def load_box_regressor(path: str | Path, config: str | Path | None = None) -> nn.Linear:
+    """The RoI head's class-specific box regressor `roi_heads.box_predictor.bbox_pred` (Linear D -> 4 x
+    num_classes, background dropped; deltas dx, dy, dw, dh per class with decode weights 10, 10, 5, 5), in eval mode
+    on the CPU. Not part of the detector: extraction writes unregressed proposals; the geometry probe needs it.
+
+    Raises `CheckpointError` when the checkpoint lacks it or its shape does not fit the config.
+    """
+    config_path, weights_path = resolve_detector_files(path, config)
+    cfg = FrcnnConfig.from_yaml(config_path)
+    checkpoint = read_state_dict(weights_path)
+    regressor = nn.Linear(cfg.pooled_dim, cfg.num_classes * 4)
+    expected = {"weight": tuple(regressor.weight.shape), "bias": tuple(regressor.bias.shape)}
+    state = {}
+    for name, shape in expected.items():
+        key = f"{_BOX_REGRESSOR_KEY}.{name}"
+        if key not in checkpoint:
+            raise CheckpointError(f"{weights_path} has no {key} (the box regressor the geometry probe needs)")
+        if tuple(checkpoint[key].shape) != shape:
+            raise CheckpointError(
+                f"{weights_path}: {key} has shape {tuple(checkpoint[key].shape)}, {config_path} implies {shape}"
+            )
+        state[name] = checkpoint[key].to(torch.float32)
+    regressor.load_state_dict(state)
+    return regressor.eval()
 
 
 def export_port_state_dict(model: BottomUpFasterRCNN, cfg: FrcnnConfig) -> dict[str, torch.Tensor]:
@@ -211,6 +289,12 @@ def export_port_state_dict(model: BottomUpFasterRCNN, cfg: FrcnnConfig) -> dict[
     state["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(cfg.num_classes * 4, cfg.pooled_dim)
     state["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(cfg.num_classes * 4)
     return state
+
+
+_GEOMETRY_WORDS = {
+    PORT: "the HF port's proposal layer",
+    CAFFE: "the original caffe proposal layer on the port's RPN head",
+}
 
 
 def _abbreviate(items: list[str], limit: int = 8) -> str:

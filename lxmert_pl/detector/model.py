@@ -29,7 +29,9 @@ from torchvision.ops import RoIPool
 from ..errors import ConfigError
 from ..features.types import ImageFeatures
 from .backbone import ResNetC4, build_backbone, fuse_batchnorms
+from .caffe_proposals import CAFFE_RPN_MIN_SIZE, CaffeAnchorGenerator, CaffeProposalLayer, caffe_fg_probability
 from .config import FrcnnConfig
+from .geometry import CAFFE, DEFAULT_GEOMETRY, check_geometry
 from .preprocess import CaffePreprocess, read_image
 from .roi_heads import AttributePredictor, Res5RoIHead, build_res5
 from .rpn import AnchorGenerator, BoxDecoder, RegionProposalNetwork, RPNHead
@@ -45,7 +47,9 @@ class NetworkOutputs:
     """Network outputs for one image, before box selection.
 
     `boxes` (N, 4): RoIs in network (resized) pixels - the RPN's proposals, or the given boxes scaled;
-    `proposal_logits` (N,): RPN objectness, descending (None for given boxes); `pooled` (N, D): the features;
+    `proposal_logits` (N,): the RPN head's objectness logit of each proposal, in the proposal layer's rank order
+    (None for given boxes): descending under the `port` geometry; under `caffe`, ranked by the float32 foreground
+    probability (`proposal_prob`), whose exact ties keep caffe's memory order; `pooled` (N, D): the features;
     `cls_logits` (N, num_classes + 1), `attr_logits` (N, num_attrs + 1): in the checkpoint's column layout.
     """
 
@@ -54,6 +58,12 @@ class NetworkOutputs:
     pooled: torch.Tensor
     cls_logits: torch.Tensor
     attr_logits: torch.Tensor
+
+    @property
+    def proposal_prob(self) -> torch.Tensor | None:
+        """Caffe's foreground probability of each proposal (the softmax of (0, logit), float32); None for given
+        boxes. The `caffe` geometry ranks by it."""
+        return None if self.proposal_logits is None else caffe_fg_probability(self.proposal_logits)
 
 
 @dataclass
@@ -83,7 +93,8 @@ class BottomUpFasterRCNN(nn.Module):
     Args:
         transform: image -> network blob (caffe mean subtraction + OpenCV resize).
         backbone: blob (1, 3, H, W) -> res4 map (1, C, H/16, W/16).
-        rpn: res4 map -> proposals (network pixels) for one image.
+        rpn: res4 map -> proposals (network pixels) for one image: the port's `RegionProposalNetwork` or caffe's
+            `CaffeProposalLayer`; its `geometry` ("port" / "caffe") is the detector's.
         roi_head: RoI pooling + res5 + class/attribute predictors.
         background_first: column layout of the classifier: False for the HF port's weights (background and
             "no attribute" are the LAST columns), True for caffe-layout weights.
@@ -93,7 +104,7 @@ class BottomUpFasterRCNN(nn.Module):
         self,
         transform: CaffePreprocess,
         backbone: ResNetC4,
-        rpn: RegionProposalNetwork,
+        rpn: RegionProposalNetwork | CaffeProposalLayer,
         roi_head: Res5RoIHead,
         background_first: bool = False,
     ) -> None:
@@ -107,6 +118,11 @@ class BottomUpFasterRCNN(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def geometry(self) -> str:
+        """The proposal geometry, "port" or "caffe" (see `geometry.py`): record it with what the detector makes."""
+        return self.rpn.geometry
 
     @property
     def precision(self) -> str:
@@ -131,32 +147,38 @@ class BottomUpFasterRCNN(nn.Module):
         return self
 
     def forward(
-        self, blobs: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor | None] | None = None
+        self,
+        blobs: Sequence[torch.Tensor],
+        boxes: Sequence[torch.Tensor | None] | None = None,
+        scales: Sequence[float] | None = None,
     ) -> list[NetworkOutputs]:
         """Network pass over preprocessed blobs (3, H_i, W_i) of any sizes.
 
         Args:
             blobs: network inputs, one per image.
             boxes: per image, RoIs (R, 4) in network pixels to pool instead of the RPN's proposals, or None.
+            scales: per image, the resize factor network / original (the caffe geometry's minimum proposal size is
+                16 original pixels); default 1 (the blob is the original image).
         """
         if not blobs:
             return []
         boxes = [None] * len(blobs) if boxes is None else boxes
-        if len(boxes) != len(blobs):
-            raise ValueError(f"got {len(boxes)} box sets for {len(blobs)} images")
+        scales = [1.0] * len(blobs) if scales is None else scales
+        if len(boxes) != len(blobs) or len(scales) != len(blobs):
+            raise ValueError(f"got {len(boxes)} box sets and {len(scales)} scales for {len(blobs)} images")
         with ieee_fp32_convolutions(blobs[0].device):
-            return self._forward(blobs, boxes)
+            return self._forward(blobs, boxes, scales)
 
     def _forward(
-        self, blobs: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor | None]
+        self, blobs: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor | None], scales: Sequence[float]
     ) -> list[NetworkOutputs]:
         crops, crop_index, image_boxes, image_logits = [], [], [], []
         num_crops = 0
-        for blob, given in zip(blobs, boxes, strict=True):
+        for blob, given, scale in zip(blobs, boxes, scales, strict=True):
             with torch.autocast(device_type=blob.device.type, enabled=False):  # proposals are always float32 ones
                 features = self.backbone(blob.float().unsqueeze(0))
                 if given is None:
-                    rois, logits = self.rpn(features, (blob.shape[-2], blob.shape[-1]))
+                    rois, logits = self.rpn(features, (blob.shape[-2], blob.shape[-1]), scale)
                 else:
                     rois, logits = given.to(features), None
             unique_crops, index = self.roi_head.pool_unique(features, rois)
@@ -199,6 +221,7 @@ class BottomUpFasterRCNN(nn.Module):
         outputs = self(
             [item.tensor.to(device) for item in inputs],
             [None if boxes is None else boxes * scale for boxes, scale in zip(given, scales, strict=True)],
+            [item.scale for item in inputs],
         )
         return [
             ImageRegions(
@@ -264,22 +287,41 @@ class BottomUpFasterRCNN(nn.Module):
         )
 
 
-def build_detector(cfg: FrcnnConfig, roi_chunk_size: int = 512, channels_last: bool = True) -> BottomUpFasterRCNN:
+def build_detector(
+    cfg: FrcnnConfig, roi_chunk_size: int = 512, geometry: str = DEFAULT_GEOMETRY, channels_last: bool = True
+) -> BottomUpFasterRCNN:
     """The detector with the config's sizes and test-time settings, in eval mode, float32, BatchNorms not folded
     (random weights: see `loading.load_detector` for the checkpoint, which also folds them).
 
+    `geometry`: "port" (the HF port's proposal layer and float32 means) or "caffe" (the original proposal layer on
+    the same RPN head, and caffe's float64 means); see `geometry.py`. Raises `UnknownGeometryError` otherwise.
     `channels_last`: the backbone and res5 compute on NHWC tensors (faster; same results within float rounding).
     """
-    transform = CaffePreprocess(cfg.pixel_mean, cfg.pixel_std, cfg.min_size_test, cfg.max_size_test, cfg.input_format)
-    rpn = RegionProposalNetwork(
-        AnchorGenerator(cfg.anchor_sizes, cfg.anchor_aspect_ratios, cfg.feature_stride, cfg.anchor_offset),
-        RPNHead(cfg.res4_channels, cfg.rpn_hidden_channels, cfg.num_anchors),
-        BoxDecoder(cfg.rpn_bbox_reg_weights),
-        pre_nms_topk=cfg.rpn_pre_nms_topk,
-        post_nms_topk=cfg.rpn_post_nms_topk,
-        nms_thresh=cfg.rpn_nms_thresh,
-        min_size=cfg.rpn_min_size,
+    caffe = check_geometry(geometry) == CAFFE
+    transform = CaffePreprocess(
+        cfg.pixel_mean, cfg.pixel_std, cfg.min_size_test, cfg.max_size_test, cfg.input_format, float64_means=caffe
     )
+    head = RPNHead(cfg.res4_channels, cfg.rpn_hidden_channels, cfg.num_anchors)
+    rpn: RegionProposalNetwork | CaffeProposalLayer
+    if caffe:
+        rpn = CaffeProposalLayer(
+            CaffeAnchorGenerator(cfg.anchor_sizes, cfg.anchor_aspect_ratios, cfg.feature_stride),
+            head,
+            pre_nms_topk=cfg.rpn_pre_nms_topk,
+            post_nms_topk=cfg.rpn_post_nms_topk,
+            nms_thresh=cfg.rpn_nms_thresh,
+            min_size=CAFFE_RPN_MIN_SIZE,
+        )
+    else:
+        rpn = RegionProposalNetwork(
+            AnchorGenerator(cfg.anchor_sizes, cfg.anchor_aspect_ratios, cfg.feature_stride, cfg.anchor_offset),
+            head,
+            BoxDecoder(cfg.rpn_bbox_reg_weights),
+            pre_nms_topk=cfg.rpn_pre_nms_topk,
+            post_nms_topk=cfg.rpn_post_nms_topk,
+            nms_thresh=cfg.rpn_nms_thresh,
+            min_size=cfg.rpn_min_size,
+        )
     res5 = build_res5(
         cfg.res4_channels,
         cfg.bottleneck_channels * 8,

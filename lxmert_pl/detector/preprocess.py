@@ -60,6 +60,9 @@ class CaffePreprocess:
         min_size: target length of the shorter side (600).
         max_size: cap on the longer side (1000): if round(s * long side) exceeds it, s = max_size / long side.
         input_format: "BGR" (OpenCV order, the published model) or "RGB" (channels reversed before the means).
+        float64_means: subtract the means as caffe's `im -= PIXEL_MEANS` does (float64 arithmetic, stored as
+            float32; the `caffe` geometry) instead of in float32 (the port golden data). The inputs differ by one
+            float32 ulp at most before the resize.
     """
 
     def __init__(
@@ -69,11 +72,15 @@ class CaffePreprocess:
         min_size: int = 600,
         max_size: int = 1000,
         input_format: str = "BGR",
+        float64_means: bool = False,
     ) -> None:
         if input_format not in ("BGR", "RGB"):
             raise ValueError(f"input_format must be 'BGR' or 'RGB', got {input_format!r}")
-        # float32 means: the golden input is float32(pixel) - float32(mean), bit for bit.
-        self.pixel_mean = np.asarray(pixel_mean, dtype=np.float32).reshape(1, 1, 3)
+        # float32 means: the port golden input is float32(pixel) - float32(mean), bit for bit; float64 means: the
+        # caffe golden input is float32(float64(pixel) - float64(mean)), bit for bit.
+        self.float64_means = float64_means
+        mean_dtype = np.float64 if float64_means else np.float32
+        self.pixel_mean = np.asarray(pixel_mean, dtype=mean_dtype).reshape(1, 1, 3)
         self.pixel_std = np.asarray(pixel_std, dtype=np.float32).reshape(1, 1, 3)
         self.min_size = min_size
         self.max_size = max_size
@@ -92,7 +99,7 @@ class CaffePreprocess:
             raise ValueError(f"expected a (h, w, 3) BGR image, got shape {image_bgr.shape}")
         height, width = image_bgr.shape[:2]
         image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
-        image = image.astype(np.float32) - self.pixel_mean
+        image = (image.astype(np.float32) - self.pixel_mean).astype(np.float32, copy=False)
         if np.any(self.pixel_std != 1.0):
             image = image / self.pixel_std
         scale = self.scale_for(height, width)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import clip_boxes_to_image, nms
 
+from .geometry import PORT
+
 
 class AnchorGenerator(nn.Module):
     """Cell anchors (A x 4, x1 y1 x2 y2 around 0) and their tiling over a feature map.
@@ -129,6 +131,8 @@ class RegionProposalNetwork(nn.Module):
         min_size: proposals with a side <= min_size (network pixels) are dropped (0).
     """
 
+    geometry = PORT
+
     def __init__(
         self,
         anchor_generator: AnchorGenerator,
@@ -153,8 +157,11 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thresh = nms_thresh
         self.min_size = min_size
 
-    def forward(self, features: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (1, C, h, w) of an image of network size image_size = (H, W).
+    def forward(
+        self, features: torch.Tensor, image_size: tuple[int, int], scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (1, C, h, w) of an image of network size image_size = (H, W); `scale` (network / original) is
+        not used: the port's minimum size is in network pixels (it is accepted to share the caffe layer's call).
 
         Returns (boxes (P, 4) in network pixels, objectness logits (P,)), descending by logit, P <= post_nms_topk.
         """

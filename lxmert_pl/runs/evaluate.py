@@ -63,7 +63,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
     import numpy as np
     import torch
 
-    from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, load_detector
+    from lxmert_pl.detector import BoxSelection, ImageFolderFeatureSource, choose_geometry, load_detector
 
     images = _require_file(data.images, "image folder")
     boxes = None
@@ -71,10 +71,14 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         with open(_require_file(data.boxes, "boxes file"), encoding="utf-8") as f:
             boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
+    geometry = choose_geometry(cfg.detector.geometry, detector_ckpt.geometry, "detector.geometry")
     accelerator = str(cfg.trainer.accelerator)
     use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     detector, report = load_detector(
-        detector_ckpt.path, device="cuda" if use_gpu else "cpu", precision=cfg.detector.get("precision", "fp32")
+        detector_ckpt.path,
+        geometry=geometry,
+        device="cuda" if use_gpu else "cpu",
+        precision=cfg.detector.get("precision", "fp32"),
     )
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
