@@ -190,3 +190,21 @@ def test_extract_cli_precision_bf16(tmp_path):
     assert code == 0 and out.exists()
     with pytest.raises(SystemExit):
         extract.parse_args(["--images", "x", "--out", "y", "--detector", "z", "--precision", "fp16"])
+
+
+def test_bf16_head_agreement_under_the_caffe_geometry(frcnn_golden):
+    """The same pinned figures with the caffe proposal layer (other proposals, same head)."""
+
+    def load(precision: str):
+        return load_detector(
+            frcnn_golden / "tiny_frcnn.safetensors", config=frcnn_golden / "tiny_config.yaml", geometry="caffe",
+            precision=precision,
+        )[0]
+
+    fp32, bf16 = load("fp32"), load("bf16")
+    for name in NAMES:
+        image = read_image(frcnn_golden / f"{name}.png")
+        agreement = region_agreement(fp32.detect([image])[0], bf16.detect([image])[0], OBJ36)
+        assert agreement.same_proposals and agreement.selected == 36
+        assert agreement.shared_fraction >= 0.95
+        assert agreement.min_cosine >= 0.9999

@@ -72,13 +72,14 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
             boxes = {img_id: np.asarray(b, dtype=np.float32).reshape(-1, 4) for img_id, b in json.load(f).items()}
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
     geometry = choose_geometry(cfg.detector.geometry, detector_ckpt.geometry, "detector.geometry")
-    accelerator = str(cfg.trainer.accelerator)
+    # The detector runs where the matching model does (trainer.accelerator), in detector.precision.
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
     use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     detector, report = load_detector(
         detector_ckpt.path,
         geometry=geometry,
         device="cuda" if use_gpu else "cpu",
-        precision=cfg.detector.get("precision", "fp32"),
+        precision=str(OmegaConf.select(cfg, "detector.precision", default="fp32")),
     )
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
