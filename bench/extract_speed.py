@@ -53,14 +53,15 @@ from bf16_speed import timed  # noqa: E402
 from lxmert_pl.detector import OBJ36, FrcnnConfig, load_detector, read_image  # noqa: E402
 from lxmert_pl.detector.agreement import region_agreement  # noqa: E402
 from lxmert_pl.detector.loading import CONFIG_NAME, export_port_state_dict  # noqa: E402
+from lxmert_pl.detector.model import ieee_fp32_convolutions  # noqa: E402
 from lxmert_pl.detector.tiny import random_detector, synthetic_image  # noqa: E402
 
 TARGET_FP32 = 1.3
 TARGET_BF16 = 2.5
 TARGET_SHARED = 0.95
 TARGET_COSINE = 0.9999
-# Golden tolerances (../shared/golden/frcnn/README.md): proposals px; logits and pooled features absolute.
-TOL_PROPOSALS, TOL_VALUES = 5e-3, 1e-4
+# Golden tolerance on proposals (../shared/golden/frcnn/README.md), px.
+TOL_PROPOSALS = 5e-3
 # Keys the port's config needs to build its (training-capable) modules; not read by lxmert_pl.
 PORT_ONLY_KEYS = {
     "RPN": {
@@ -137,23 +138,40 @@ def count_flops(model, blob: torch.Tensor) -> tuple[float, float, int]:
     return first, counted["flops"] - first, boxes.shape[0]
 
 
-def compare_with_port(ours, port: nn.Module, blob: torch.Tensor) -> tuple[dict[str, float], bool]:
-    """Max |difference| of proposals, class logits and pooled features (ours fp32 vs the port, same blob), and
-    whether all are within the golden tolerances (proposals 5e-3 px; values 1e-4 + 1e-5 relative)."""
+def compare_with_port(ours, port: nn.Module, blob: torch.Tensor) -> dict[str, float]:
+    """How far `ours` (fp32) is from the port on one blob, as relative figures (the full-size random network has
+    res4 values in the hundreds, so float32 rounding shows at 1e-3 absolute; the golden tolerances are absolute
+    figures for the tiny golden model and are checked by tests/test_detector_parity.py and test_caffe_geometry.py):
+
+    res4 max |diff| / max |res4|; leading proposals equal within 5e-3 px (the order of near-tied logits follows
+    rounding); on the port's own proposals (same boxes): pooled max |diff| / max |pooled| and class logits max |diff|.
+    """
     with torch.inference_mode():
+        with ieee_fp32_convolutions(blob.device):
+            port_res4 = port.backbone(blob.unsqueeze(0))["res4"]
+            proposals, cls_logits, pooled = port_network(port, blob)
+            res4 = ours.backbone(blob.unsqueeze(0))
         mine = ours([blob])[0]
-        proposals, cls_logits, pooled = port_network(port, blob)
-    if proposals.shape != mine.boxes.shape:
-        return {"proposal count": float(proposals.shape[0] - mine.boxes.shape[0])}, False
-    pairs = {"proposals": (mine.boxes, proposals), "cls_logits": (mine.cls_logits, cls_logits),
-             "pooled": (mine.pooled, pooled)}
-    diffs = {name: float((a - b).abs().max()) for name, (a, b) in pairs.items()}
-    within = diffs["proposals"] <= TOL_PROPOSALS and all(
-        bool(((a - b).abs() <= TOL_VALUES + 1e-5 * b.abs()).all())
-        for name, (a, b) in pairs.items()
-        if name != "proposals"
-    )
-    return diffs, within
+        same_boxes = ours([blob], [proposals])[0]
+    count = min(proposals.shape[0], mine.boxes.shape[0])
+    close = ((proposals[:count] - mine.boxes[:count]).abs() <= TOL_PROPOSALS).all(dim=1)
+    leading = int(close.long().cumprod(dim=0).sum())
+    return {
+        "res4 rel": float((res4 - port_res4).abs().max() / port_res4.abs().max()),
+        "leading proposals equal": leading,
+        "proposals": proposals.shape[0],
+        "pooled rel (same boxes)": float((same_boxes.pooled - pooled).abs().max() / pooled.abs().max()),
+        "cls_logits abs (same boxes)": float((same_boxes.cls_logits - cls_logits).abs().max()),
+    }
+
+
+def reference_fp32(directory: Path, device: str):
+    """lxmert_pl computed as the port computes: BatchNorms not folded, NCHW (to show where differences come from)."""
+    model = load_detector(directory, device=device, fuse_batchnorm=False)[0]
+    model.backbone.channels_last = model.roi_head.channels_last = False
+    model.backbone.apply_memory_format()
+    model.roi_head.set_dtype(torch.float32)
+    return model
 
 
 def main() -> None:
@@ -199,9 +217,14 @@ def main() -> None:
 
     port = load_port(args.port_dir, directory, args.device) if args.port_dir else None
     if port is not None:
-        diffs, within = compare_with_port(models.get("fp32", reference), port, blob)
-        print("fp32 vs port, same weights and blob: max |diff| " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-              + f" -> {'within' if within else 'OUTSIDE'} the golden tolerances", flush=True)
+        compared = {
+            "lxmert_pl fp32 (folded, channels-last)": models.get("fp32", reference),
+            "lxmert_pl fp32 as the port computes (unfolded, NCHW)": reference_fp32(directory, args.device),
+        }
+        for label, model in compared.items():
+            diffs = compare_with_port(model, port, blob)
+            print(f"{label} vs port, same weights and blob: " + ", ".join(
+                f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()), flush=True)
 
     n = args.matmul_size or (8192 if cuda else 2048)
     mats = {dtype: [torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2)]
