@@ -167,11 +167,7 @@ def compare_with_port(ours, port: nn.Module, blob: torch.Tensor) -> dict[str, fl
 
 def reference_fp32(directory: Path, device: str):
     """lxmert_pl computed as the port computes: BatchNorms not folded, NCHW (to show where differences come from)."""
-    model = load_detector(directory, device=device, fuse_batchnorm=False)[0]
-    model.backbone.channels_last = model.roi_head.channels_last = False
-    model.backbone.apply_memory_format()
-    model.roi_head.set_dtype(torch.float32)
-    return model
+    return load_detector(directory, device=device, fuse_batchnorm=False, channels_last=False)[0]
 
 
 def main() -> None:

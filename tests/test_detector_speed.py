@@ -208,3 +208,16 @@ def test_bf16_head_agreement_under_the_caffe_geometry(frcnn_golden):
         assert agreement.same_proposals and agreement.selected == 36
         assert agreement.shared_fraction >= 0.95
         assert agreement.min_cosine >= 0.9999
+
+
+def test_unfolded_nchw_network_computes_like_before(golden, frcnn_golden):
+    """`fuse_batchnorm=False, channels_last=False`: the port's arithmetic (bit-identical to the HF port on the same
+    weights at full size, bench/README.md); on the golden data it is the tightest of the variants."""
+    model = load_detector(
+        frcnn_golden / "tiny_frcnn.safetensors", config=frcnn_golden / "tiny_config.yaml", fuse_batchnorm=False,
+        channels_last=False,
+    )[0]
+    assert not model.roi_head.res5[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    data, out = golden["data"], model.detect([golden["images"][1]])[0]
+    np.testing.assert_allclose(out.pooled.numpy(), data["img1_pooled"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out.boxes.numpy(), data["img1_proposals"], atol=1e-4, rtol=0)

@@ -153,6 +153,7 @@ def load_detector(
     geometry: str = DEFAULT_GEOMETRY,
     precision: str = "fp32",
     fuse_batchnorm: bool = True,
+    channels_last: bool = True,
 ) -> tuple[BottomUpFasterRCNN, LoadReport]:
     """Build the detector from the port's `config.yaml` and load its checkpoint.
 
@@ -165,6 +166,8 @@ def load_detector(
         precision: "fp32" or "bf16" (res5 of the RoI head in bfloat16; see `BottomUpFasterRCNN.set_precision`).
         fuse_batchnorm: fold the frozen BatchNorms into the convs after loading (faster; within the golden
             tolerances). The report and the key checks are those of the checkpoint as stored.
+        channels_last: NHWC convs (faster). With `fuse_batchnorm=False, channels_last=False` the fp32 network
+            computes exactly as the HF port does (bit-identical outputs on the same weights, bench/README.md).
     Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies, and
     `UnknownGeometryError` for another geometry name.
     """
@@ -181,6 +184,7 @@ def load_detector(
         geometry=geometry,
         precision=precision,
         fuse_batchnorm=fuse_batchnorm,
+        channels_last=channels_last,
     )
 
 
@@ -194,6 +198,7 @@ def detector_from_port_state_dict(
     geometry: str = DEFAULT_GEOMETRY,
     precision: str = "fp32",
     fuse_batchnorm: bool = True,
+    channels_last: bool = True,
 ) -> tuple[BottomUpFasterRCNN, LoadReport]:
     """The detector for `cfg` with the tensors of `checkpoint`, a state dict under the port's key names (what
     `load_detector` reads from a file, or weights converted from another format, e.g. a .caffemodel mapped to the
@@ -201,7 +206,7 @@ def detector_from_port_state_dict(
     The `caffe` geometry needs no `cell_anchors` key. Other arguments and errors as `load_detector`.
     """
     config_path, weights_path = Path(config_path), Path(weights_path)
-    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry, channels_last=channels_last)
     report = LoadReport(
         config_path=config_path, weights_path=weights_path, architecture=cfg.summary(), geometry=model.geometry
     )
