@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ import torch
 from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36, load_detector, read_image, save_tiny_detector
 from lxmert_pl.detector.agreement import region_agreement
 from lxmert_pl.detector.backbone import Bottleneck, FrozenBatchNorm2d, fuse_conv_bn
+from lxmert_pl.detector.tiny import synthetic_image
 from lxmert_pl.errors import ConfigError
 
 NAMES = ("astronaut", "coffee")
@@ -170,10 +173,6 @@ def test_unknown_precision_is_a_config_error(golden):
 
 
 def test_extract_cli_precision_bf16(tmp_path):
-    import importlib.util
-
-    from lxmert_pl.detector.tiny import synthetic_image
-
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("extract_cli", root / "extract.py")
     extract = importlib.util.module_from_spec(spec)
@@ -181,8 +180,6 @@ def test_extract_cli_precision_bf16(tmp_path):
     detector = save_tiny_detector(tmp_path / "det", seed=0, min_size_test=96, max_size_test=160)
     images = tmp_path / "images"
     images.mkdir()
-    import cv2
-
     cv2.imwrite(str(images / "a.png"), synthetic_image(1, 120, 160))
     out = tmp_path / "out.tsv"
     code = extract.main(["--images", str(images), "--out", str(out), "--detector", str(detector),
