@@ -24,15 +24,19 @@ from lxmert_pl.detector import (
     OBJ36,
     CaffeAnchorGenerator,
     CaffeProposalLayer,
+    CheckpointError,
+    FrcnnConfig,
     UnknownGeometryError,
     build_detector,
     caffe_fg_probability,
     caffe_nms,
     choose_geometry,
+    detector_from_port_state_dict,
     load_detector,
     read_image,
     select_boxes,
 )
+from lxmert_pl.detector.loading import read_state_dict
 from lxmert_pl.detector.rpn import RPNHead
 from lxmert_pl.detector.random_weights import TINY_CONFIG
 from lxmert_pl.features.tsv import iter_tsv_features
@@ -310,3 +314,17 @@ def test_eval_detector_geometry_key(tmp_path, key, expected):
     cfg = compose("eval", flags={"data.source": "images", "detector.geometry": key, "detector.cache": False})
     source, _ = build_feature_source(cfg, tmp_path)
     assert source.detector.geometry == expected
+
+
+def test_state_dict_without_port_anchors_loads_for_caffe_only(frcnn_golden):
+    """Weights converted from another format (no `cell_anchors`) run the caffe geometry; the port one needs them."""
+    cfg = FrcnnConfig.from_yaml(frcnn_golden / "tiny_config.yaml")
+    state = read_state_dict(frcnn_golden / "tiny_frcnn.safetensors")
+    del state["proposal_generator.anchor_generator.cell_anchors.0"]
+    model, report = detector_from_port_state_dict(cfg, state, "tiny_config.yaml", "converted", geometry="caffe")
+    assert not report.unexpected and report.geometry == "caffe"
+    out = model.detect([read_image(frcnn_golden / "astronaut.png")])[0]
+    data = _run_golden(frcnn_golden)["data"]
+    np.testing.assert_allclose(out.boxes.numpy(), data["img0_proposals"], atol=5e-3, rtol=0)
+    with pytest.raises(CheckpointError, match="cell_anchors"):
+        detector_from_port_state_dict(cfg, state, "tiny_config.yaml", "converted", geometry="port")

@@ -12,8 +12,10 @@ float64 mean subtraction; `model.geometry` says which a detector has. `choose_ge
 is the rule every entry point uses (explicit choice, else the registry's value, else "port"). Another proposal layer
 plugs in as `BottomUpFasterRCNN(transform, backbone, rpn, roi_head)` with any `rpn` module that has a `geometry`
 attribute and `forward(res4 (1, C, h, w), (H, W), scale) -> (boxes (P, 4) network px, objectness logits (P,))`.
-`load_box_regressor` reads the RoI head's `bbox_pred`, which extraction does not use; `probe.py` uses it to tell from
-the weights which geometry they were trained with (`python -m lxmert_pl.detector probe`).
+Weights of another format (e.g. a .caffemodel) load through `detector_from_port_state_dict(cfg, state, ...,
+geometry="caffe")` once mapped to the port's key names and layout. `load_box_regressor` reads the RoI head's
+`bbox_pred`, which extraction does not use; `probe.py` uses it to tell from the weights which geometry they were
+trained with (`python -m lxmert_pl.detector probe`).
 """
 
 from .caffe_proposals import CaffeAnchorGenerator, CaffeProposalLayer, caffe_fg_probability, caffe_nms
@@ -21,7 +23,7 @@ from .caffemodel import CAFFE_RESNET101, CaffeLoadReport, convert_caffemodel, lo
 from .config import FrcnnConfig
 from .geometry import DEFAULT_GEOMETRY, GEOMETRIES, UnknownGeometryError, check_geometry, choose_geometry
 from .image_source import ExtractionFailedError, ImageFolderFeatureSource
-from .loading import CheckpointError, DetectorLoadReport, load_box_regressor, load_detector
+from .loading import CheckpointError, DetectorLoadReport, detector_from_port_state_dict, load_box_regressor, load_detector
 from .model import BottomUpFasterRCNN, ImageRegions, build_detector
 from .preprocess import CaffePreprocess, ImageReadError, read_image
 from .rpn import RegionProposalNetwork
@@ -56,6 +58,7 @@ __all__ = [
     "check_geometry",
     "choose_geometry",
     "convert_caffemodel",
+    "detector_from_port_state_dict",
     "load_box_regressor",
     "load_caffemodel",
     "load_detector",

@@ -148,10 +148,9 @@ def extraction_settings(
     selection: BoxSelection,
     given_boxes: dict[str, np.ndarray] | None,
     given_boxes_sha256: str | None,
-    precision: str = "fp32",
 ) -> ExtractionSettings:
     """The provenance of rows made by `model` with these settings (see `features.provenance`); the proposal
-    geometry is the model's own."""
+    geometry and the RoI head's precision are the model's own."""
     return ExtractionSettings(
         detector=detector,
         detector_sha256=dict(detector_sha256),
@@ -164,7 +163,7 @@ def extraction_settings(
         given_boxes=given_boxes is not None,
         given_boxes_sha256=given_boxes_sha256,
         geometry=model.geometry,
-        precision=precision,
+        precision=model.precision,
         lxmert_pl_version=__version__,
     )
 
@@ -268,6 +267,7 @@ class ExtractionJob:
     given_boxes: dict[str, np.ndarray] | None
     batch_size: int
     geometry: str = DEFAULT_GEOMETRY
+    precision: str = "fp32"
 
 
 def run_extraction(
@@ -282,9 +282,11 @@ def run_extraction(
     detector_config: str | Path | None = None,
     log: Callable[[str], None] = print,
     geometry: str = DEFAULT_GEOMETRY,
+    precision: str = "fp32",
 ) -> ExtractionResult:
     """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees), with the
-    detector's `geometry` ("port" or "caffe", `geometry.py`)."""
+    detector's `geometry` ("port" or "caffe", `geometry.py`) and `precision` ("fp32" or "bf16": the RoI head's res5
+    in bfloat16; proposals and outputs float32)."""
     out = Path(out)
     if not paths:
         raise UserInputError(f"no images to extract into {out}")
@@ -293,11 +295,15 @@ def run_extraction(
     if device == "cuda" and devices > torch.cuda.device_count():
         raise ValueError(f"--devices {devices} with cuda, but {torch.cuda.device_count()} GPU(s) are visible")
     _prepare_output_folder(out)
-    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size, geometry)
+    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size, geometry, precision)
 
     # Loaded here also when workers do the work: it checks the checkpoint and names the weights before anything runs.
     model, report = load_detector(
-        detector, config=detector_config, device=_device_for(device, 0) if devices == 1 else "cpu", geometry=geometry
+        detector,
+        config=detector_config,
+        device=_device_for(device, 0) if devices == 1 else "cpu",
+        geometry=geometry,
+        precision=precision,
     )
     log(report.summary())
     settings = extraction_settings(
@@ -369,7 +375,7 @@ def _extract_locked(
     log(
         f"{len(paths)} images: {result.already_done} already in {out}, {len(todo)} to extract "
         f"({selection.describe() if given_boxes is None else 'given boxes'}, batch {batch_size}, "
-        f"{devices} x {device})"
+        f"{devices} x {device}, detector precision {precision})"
     )
 
     with (
@@ -469,7 +475,9 @@ def _shard_worker(
     """One worker process: extract `paths` into `shard`, reporting progress and skips through `messages`."""
     if threads is not None:
         torch.set_num_threads(threads)
-    model, _ = load_detector(job.detector, config=job.detector_config, device=device, geometry=job.geometry)
+    model, _ = load_detector(
+        job.detector, config=job.detector_config, device=device, geometry=job.geometry, precision=job.precision
+    )
     with TsvWriter(shard, append=True, repair=True) as writer:
         extract_batches(
             model,

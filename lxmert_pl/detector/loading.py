@@ -161,6 +161,9 @@ def load_detector(
     device: str | torch.device = "cpu",
     roi_chunk_size: int = 512,
     geometry: str | None = None,
+    precision: str = "fp32",
+    fuse_batchnorm: bool = True,
+    channels_last: bool = True,
 ) -> tuple[BottomUpFasterRCNN, DetectorLoadReport]:
     """Build the detector from the port's `config.yaml` and load its checkpoint.
 
@@ -173,6 +176,11 @@ def load_detector(
         geometry: "port" or "caffe" proposal geometry (`geometry.py`); the same port-format weights serve both.
             None: the weights' own, `port` for port-format weights, `caffe` for a `.caffemodel` (which only runs
             with `caffe`).
+        precision: "fp32" or "bf16" (res5 of the RoI head in bfloat16; see `BottomUpFasterRCNN.set_precision`).
+        fuse_batchnorm: fold the frozen BatchNorms into the convs after loading (faster; within the golden
+            tolerances). The report and the key checks are those of the checkpoint as stored.
+        channels_last: NHWC convs (faster). With `fuse_batchnorm=False, channels_last=False` the fp32 network
+            computes exactly as the HF port does (bit-identical outputs on the same weights, bench/README.md).
     Raises `CheckpointError` naming the keys that are missing or have another shape than the config implies, and
     `UnknownGeometryError` for another geometry name.
     """
@@ -180,13 +188,48 @@ def load_detector(
     if weights_path.suffix == CAFFEMODEL_SUFFIX:  # the original caffe weights: their own key map (caffemodel.py)
         from .caffemodel import load_caffemodel
 
-        return load_caffemodel(
-            weights_path, config_path, device=device, roi_chunk_size=roi_chunk_size, geometry=geometry or CAFFE
+        model, caffe_report = load_caffemodel(
+            weights_path, config_path, roi_chunk_size=roi_chunk_size, geometry=geometry or CAFFE
         )
+        if fuse_batchnorm:
+            model.fuse_batchnorm()
+        return model.set_precision(precision).to(device), caffe_report
     geometry = DEFAULT_GEOMETRY if geometry is None else geometry
     cfg = FrcnnConfig.from_yaml(config_path)
-    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry)
     checkpoint = read_state_dict(weights_path)
+    return detector_from_port_state_dict(
+        cfg,
+        checkpoint,
+        config_path,
+        weights_path,
+        device=device,
+        roi_chunk_size=roi_chunk_size,
+        geometry=geometry,
+        precision=precision,
+        fuse_batchnorm=fuse_batchnorm,
+        channels_last=channels_last,
+    )
+
+
+def detector_from_port_state_dict(
+    cfg: FrcnnConfig,
+    checkpoint: dict[str, torch.Tensor],
+    config_path: str | Path,
+    weights_path: str | Path,
+    device: str | torch.device = "cpu",
+    roi_chunk_size: int = 512,
+    geometry: str = DEFAULT_GEOMETRY,
+    precision: str = "fp32",
+    fuse_batchnorm: bool = True,
+    channels_last: bool = True,
+) -> tuple[BottomUpFasterRCNN, DetectorLoadReport]:
+    """The detector for `cfg` with the tensors of `checkpoint`, a state dict under the port's key names (what
+    `load_detector` reads from a file, or weights converted from another format, e.g. a .caffemodel mapped to the
+    port's keys and layout). `config_path` and `weights_path` only name the sources in the report and errors.
+    The `caffe` geometry needs no `cell_anchors` key. Other arguments and errors as `load_detector`.
+    """
+    config_path, weights_path = Path(config_path), Path(weights_path)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=geometry, channels_last=channels_last)
     report = DetectorLoadReport(
         config_path=config_path, weights_path=weights_path, architecture=cfg.summary(), geometry=model.geometry
     )
@@ -228,7 +271,9 @@ def load_detector(
             "note: the checkpoint's cell anchors differ from those ANCHOR_GENERATOR in the config generates; "
             + used_instead
         )
-    return model.to(device), report
+    if fuse_batchnorm:
+        model.fuse_batchnorm()
+    return model.set_precision(precision).to(device), report
 
 
 def load_box_regressor(path: str | Path, config: str | Path | None = None) -> nn.Linear:

@@ -72,7 +72,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
 
     from lxmert_pl.detector import ImageFolderFeatureSource, choose_geometry, load_detector
     from lxmert_pl.detector.extraction import load_given_boxes
-    from lxmert_pl.runs.extraction import box_selection
+    from lxmert_pl.runs.extraction import box_selection, detector_device
 
     if not data.images:
         raise UserInputError("no images: pass --images DIR (or --features TSV for pre-extracted features)")
@@ -84,7 +84,13 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
     boxes = load_given_boxes(data.given_boxes) if data.given_boxes else None
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
     geometry = choose_geometry(cfg.detector.geometry, detector_ckpt.geometry, "detector.geometry")
-    detector, report = load_detector(detector_ckpt.path, config=cfg.detector.config, geometry=geometry)
+    detector, report = load_detector(
+        detector_ckpt.path,
+        config=cfg.detector.config,
+        geometry=geometry,
+        device=detector_device(cfg.trainer.accelerator),
+        precision=cfg.detector.precision,
+    )
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
     selection = box_selection(cfg.detector)

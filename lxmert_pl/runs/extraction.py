@@ -21,6 +21,15 @@ def box_selection(detector_cfg: DictConfig) -> BoxSelection:
     return BoxSelection(int(detector_cfg.min_boxes), int(detector_cfg.max_boxes))
 
 
+def detector_device(accelerator: str) -> str:
+    """Where the detector runs for a `trainer.accelerator` value: cuda for gpu (and for auto with a GPU), else cpu."""
+    if accelerator == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator == "gpu" else "cpu"
+
+
 def run_extract(cfg: DictConfig) -> ExtractionResult:
     if not cfg.images:
         raise UserInputError("no images: pass --images DIR_OR_LISTFILE")
@@ -28,12 +37,7 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
         raise UserInputError("no output file: pass --out FILE.tsv")
     if not cfg.detector.ckpt:
         raise UserInputError("no detector: pass --detector ALIAS_OR_DIR (e.g. frcnn-vg-finetuned, demo-frcnn)")
-    accelerator = cfg.trainer.accelerator
-    device = "cuda" if accelerator == "gpu" else "cpu"
-    if accelerator == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = detector_device(cfg.trainer.accelerator)
     detector = resolve_checkpoint(str(cfg.detector.ckpt))
     say(f"Detector: {detector.describe()}")
     geometry = choose_geometry(cfg.detector.geometry, detector.geometry, "--geometry")
@@ -51,6 +55,7 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
         device=device,
         detector_config=cfg.detector.config,
         geometry=geometry,
+        precision=cfg.detector.precision,
     )
     if result.written + result.already_done == 0 and result.skipped:
         raise UserInputError(f"no image could be extracted ({len(result.skipped)} skipped, see the list above)")
