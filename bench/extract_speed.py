@@ -4,7 +4,7 @@
                                   [--image PHOTO] [--port-dir DIR] [--precisions fp32 bf16] [--batch-sizes 1 8]
                                   [--photos IMG ...] [--weights-dir DIR]
 
-Weights: seeded random full-size weights, calibrated as `detector.tiny.random_detector` does (every BatchNorm's
+Weights: seeded random full-size weights, calibrated as `detector.random_weights.random_detector` does (every BatchNorm's
 statistics measured on a synthetic image, class logits centred and scaled) so that activations, proposals and the
 selection behave like a real detector's in kind. They are saved in the port's key format (`--weights-dir`, reused
 when it exists) and loaded with `load_detector` - BatchNorms folded, as `extract.py` runs - and, with `--port-dir`,
@@ -54,7 +54,7 @@ from lxmert_pl.detector import OBJ36, FrcnnConfig, load_detector, read_image  # 
 from lxmert_pl.detector.agreement import region_agreement  # noqa: E402
 from lxmert_pl.detector.loading import CONFIG_NAME, export_port_state_dict  # noqa: E402
 from lxmert_pl.detector.model import ieee_fp32_convolutions  # noqa: E402
-from lxmert_pl.detector.tiny import random_detector, synthetic_image  # noqa: E402
+from lxmert_pl.detector.random_weights import random_detector, synthetic_image  # noqa: E402
 
 TARGET_FP32 = 1.3
 TARGET_BF16 = 2.5

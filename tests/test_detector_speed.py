@@ -20,7 +20,7 @@ import torch
 from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36, load_detector, read_image, save_tiny_detector
 from lxmert_pl.detector.agreement import region_agreement
 from lxmert_pl.detector.backbone import Bottleneck, FrozenBatchNorm2d, fuse_conv_bn
-from lxmert_pl.detector.tiny import synthetic_image
+from lxmert_pl.detector.random_weights import synthetic_image
 from lxmert_pl.errors import ConfigError
 
 NAMES = ("astronaut", "coffee")
