@@ -195,15 +195,10 @@ class LxmertMatchingModel(nn.Module):
             cosine=cosine_max_score(out.visn_output.float(), out.pooled_output.float(), box_mask),
         )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        features: torch.Tensor,
-        boxes: torch.Tensor,
-        box_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> MatchingOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, features: torch.Tensor,
+                boxes: torch.Tensor, box_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> MatchingOutput:
+        """The encoder (`LxrtModel.forward`, same inputs), then the heads."""
         out = self.bert(input_ids, attention_mask, features, boxes, box_mask, token_type_ids)
         return self.heads_from(out, box_mask)
 
