@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.sampler import UnpaddedDistributedSampler
-from ..errors import ConfigError, UserInputError
+from ..distributed import on_rank_zero
+from ..errors import ConfigError
 from ..features.lines import repair_truncated
 from ..features.locking import WriteLock
 from ..features.provenance import ExtractionSettings
@@ -97,15 +97,6 @@ def single_process_trainer(device: str = "cpu") -> pl.Trainer:
     )  # fmt: skip
 
 
-def _shareable(error: BaseException) -> BaseException:
-    """`error`, or one of the same kind that survives pickling (to raise the same error on every rank)."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return (UserInputError if isinstance(error, UserInputError) else RuntimeError)(str(error))
-
-
 class ShardedExtraction(pl.LightningModule):
     """The images of `paths` missing from `out`, extracted by every process of a Trainer into one TSV.
 
@@ -161,18 +152,7 @@ class ShardedExtraction(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Rank 0 opens the output and plans; every rank opens its shard (the process group exists here)."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        payload: object = None
-        if rank == 0:
-            try:
-                payload = self._plan(world)
-            except Exception as error:
-                self._close()
-                payload = _shareable(error)
-        if world > 1:
-            payload = self.trainer.strategy.broadcast(payload, src=0)
-        if isinstance(payload, BaseException):
-            raise payload
-        todo_indices, self.result.already_done = payload
+        todo_indices, self.result.already_done = on_rank_zero(self.trainer, lambda: self._plan(world))
         todo = [self.paths[i] for i in todo_indices]
         sampler = UnpaddedDistributedSampler(todo, num_replicas=world, rank=rank)
         mine = todo[sampler.start : sampler.stop]
@@ -192,8 +172,15 @@ class ShardedExtraction(pl.LightningModule):
 
     def _plan(self, world: int) -> tuple[list[int], int]:
         """Rank 0: lock and check the output, merge or keep the leftover shards, and list what is left to do."""
+        self._lock = WriteLock(self.out)
+        try:
+            return self._plan_locked(world)
+        except BaseException:
+            self._close()
+            raise
+
+    def _plan_locked(self, world: int) -> tuple[list[int], int]:
         out = self.out
-        self._lock = WriteLock(out)
         self._done = open_output(out, self.settings, self.log)
         todo = [p for p in self.paths if image_id(p) not in self._done]
         plan = ShardPlan.of(world, todo)
