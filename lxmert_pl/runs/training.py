@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
 from lxmert_pl.runs.checkpointing import ResumeCheckpoint
+from lxmert_pl.runs.placement import choose_strategy
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.data.train_datamodule import TrainingDataModule
 from lxmert_pl.runs.evaluate import say
@@ -77,11 +78,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             callbacks.append(EarlyStopping(monitor="val/roc_auc", mode="max",
                                            patience=int(cfg.trainer.early_stopping_patience)))
     loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
-    devices = cfg.trainer.devices
     trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=devices,
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         # The last cross layer's vision FFN feeds no loss: DDP must be told some parameters get no gradient.
-        strategy="ddp_find_unused_parameters_true" if isinstance(devices, int) and devices > 1 else "auto",
+        strategy=choose_strategy(cfg.trainer, find_unused_parameters=True),
         precision=cfg.trainer.precision, max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
         gradient_clip_val=cfg.optim.grad_clip, accumulate_grad_batches=cfg.optim.accumulate,
         log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers, callbacks=callbacks,
