@@ -168,7 +168,7 @@ def test_choose_strategy():
     assert strategy() == "auto"
     many = strategy(num_nodes=2, ddp_timeout_minutes=90)
     assert type(many).__name__ == "DDPStrategy" and many._timeout.total_seconds() == 90 * 60
-    assert strategy(devices=2)._ddp_kwargs == {}
+    assert strategy(devices=2)._ddp_kwargs == {"find_unused_parameters": False}
     unused = choose_strategy(OmegaConf.create({"devices": 2, "num_nodes": 1}), find_unused_parameters=True)
     assert unused._ddp_kwargs == {"find_unused_parameters": True}
     assert strategy(devices=2, strategy="ddp_spawn") == "ddp_spawn"
@@ -203,6 +203,7 @@ def _same_predictions(out: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_two_node_eval_on_features_matches_one_process(tmp_path):
+    (tmp_path / "fx").mkdir()
     fx = make_eval_fixture(tmp_path / "fx")
     args = ["--ckpt", fx["ckpt"], "--pairs", fx["pairs"], "--features", fx["tsv"], "data.batch_size=4"]
     proc = run_script("eval.py", *args, "--out", tmp_path / "one", "--accelerator", "cpu", env={"OMP_NUM_THREADS": "1"})
