@@ -181,13 +181,19 @@ def test_resume_after_kill_gives_exactly_one_row_per_image(tmp_path, image_dir):
     assert out.read_bytes().endswith(b"\n")
 
 
+@pytest.mark.slow
 def test_devices_shard_and_merge_in_input_order(detector_dir, image_dir, tmp_path):
+    """--devices 2: two processes of Lightning's DDP (its own launcher), one shard each, merged in input order."""
     out = tmp_path / "feats.tsv"
-    paths = list_images(image_dir)
-    result = run_extraction(paths, out, detector_dir, OBJ36, batch_size=2, devices=2, log=lambda _: None)
-    assert result.written == len(NAMES) and len(result.skipped) == 1
+    command = [sys.executable, "extract.py", "--images", str(image_dir), "--out", str(out), "--detector",
+               str(detector_dir), "--batch-size", "2", "--accelerator", "cpu", "--devices", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "2 process(es)" in finished.stdout and "wrote 6 rows" in finished.stdout
     assert read_img_ids(out) == NAMES  # input order (sorted names; broken.jpg skipped)
-    assert not shard_path(out, 0).exists() and not shard_path(out, 1).exists()
+    assert len(skipped_path(out).read_text().splitlines()) == 1
+    assert not list(tmp_path.glob("feats.tsv.shard*")) and not (tmp_path / "feats.tsv.shards.json").exists()
 
 
 def test_leftover_shards_of_a_killed_sharded_run_are_merged(detector_dir, image_dir, tmp_path):

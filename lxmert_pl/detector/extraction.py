@@ -6,31 +6,31 @@ are merged first); unreadable images (and file names that cannot be a TSV img_id
 with the reason in `<out>.skipped.txt`. The output is only ever appended to when it is proven to be a feature TSV
 (`features.lines.prove_feature_tsv`) made with the same settings (`<out>.meta.json`, `features.provenance`), and
 only by one run at a time (`<out>.lock`, `features.locking`).
-With `devices > 1` the images are split into contiguous shards, one worker process each (GPU k with cuda), each
-writing `<out>.shardK.tsv`; the shards are then appended to the output in input order and removed.
+The work runs on Lightning's predict loop (`sharded.py`): with several processes (devices, nodes) each global rank
+K extracts a contiguous share of the images into `<out>.shardK.tsv`; at the end global rank 0 appends the shards to
+the output in input order and removes them. A killed sharded run resumes shard by shard (same processes, same
+images), else its shards are merged first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import queue
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..errors import UserInputError
 from ..features.codec import img_id_problem
 from ..features.lines import prove_feature_tsv, repair_tail, repair_truncated
-from ..features.locking import WriteLock
+from ..features.locking import lock_path
 from ..features.provenance import ExtractionSettings, claim_tsv, sha256_of_file
 from ..features.record import ImageFeatures, box_problem
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
@@ -251,23 +251,22 @@ def merge_tsv_rows(sources: Iterable[Path], out: Path, done: set[str]) -> int:
     return written
 
 
-def _leftover_shards(out: Path) -> list[Path]:
+def leftover_shards(out: Path) -> list[Path]:
+    """The shard files `<out>.shardK.tsv` beside `out` (left by an interrupted run), by K."""
     pattern = re.compile(re.escape(out.name) + r"\.shard(\d+)\.tsv$")
     found = [(int(m.group(1)), p) for p in out.parent.glob(f"{out.name}.shard*.tsv") if (m := pattern.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
+
+
 @dataclass(frozen=True)
 class ExtractionJob:
-    """What every worker needs to extract images the same way."""
+    """What every process needs to extract images the same way."""
 
-    detector: str | Path
-    detector_config: str | Path | None
     selection: BoxSelection
     given_boxes: dict[str, np.ndarray] | None
     batch_size: int
-    geometry: str = DEFAULT_GEOMETRY
-    precision: str = "fp32"
 
 
 def run_extraction(
@@ -277,41 +276,43 @@ def run_extraction(
     selection: BoxSelection,
     given_boxes: dict[str, np.ndarray] | None = None,
     batch_size: int = 1,
-    devices: int = 1,
     device: str = "cpu",
     detector_config: str | Path | None = None,
     log: Callable[[str], None] = print,
     geometry: str = DEFAULT_GEOMETRY,
     precision: str = "fp32",
+    trainer: pl.Trainer | None = None,
 ) -> ExtractionResult:
     """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees), with the
     detector's `geometry` ("port" or "caffe", `geometry.py`) and `precision` ("fp32" or "bf16": the RoI head's res5
-    in bfloat16; proposals and outputs float32)."""
+    in bfloat16; proposals and outputs float32).
+
+    `trainer` places the work (`sharded.ShardedExtraction`): its devices and nodes, one process each, extract
+    their share of the images; call this function in every process (the `ddp` strategy, torchrun, SLURM). Without
+    a trainer: one process on `device` ("cpu" or "cuda"). Returns the counts of this process (on global rank 0:
+    of the whole run)."""
+    from .sharded import ShardedExtraction, single_process_trainer  # sharded.py builds on this module
+
     out = Path(out)
     if not paths:
         raise UserInputError(f"no images to extract into {out}")
-    if devices < 1 or batch_size < 1:
-        raise ValueError(f"devices and batch_size must be >= 1, got {devices}, {batch_size}")
-    if device == "cuda" and devices > torch.cuda.device_count():
-        raise ValueError(f"--devices {devices} with cuda, but {torch.cuda.device_count()} GPU(s) are visible")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    trainer = trainer or single_process_trainer(device)
     _prepare_output_folder(out)
-    job = ExtractionJob(detector, detector_config, selection, given_boxes, batch_size, geometry, precision)
+    job = ExtractionJob(selection, given_boxes, batch_size)
 
-    # Loaded here also when workers do the work: it checks the checkpoint and names the weights before anything runs.
+    # Loaded on the CPU; Lightning moves it to this process's device. Every process loads it (checks the checkpoint).
     model, report = load_detector(
-        detector,
-        config=detector_config,
-        device=_device_for(device, 0) if devices == 1 else "cpu",
-        geometry=geometry,
-        precision=precision,
+        detector, config=detector_config, device="cpu", geometry=geometry, precision=precision
     )
-    log(report.summary())
+    if trainer.is_global_zero:
+        log(report.summary())
     settings = extraction_settings(
         model, str(detector), detector_file_digests(report), selection, given_boxes,
         None if given_boxes is None else boxes_digest(given_boxes),
     )  # fmt: skip
-    with WriteLock(out):
-        return _extract_locked(paths, out, model, settings, job, devices, device, log)
+    return ShardedExtraction(model, paths, out, settings, job, log).run(trainer)
 
 
 def _prepare_output_folder(out: Path) -> None:
@@ -329,164 +330,40 @@ def _prepare_output_folder(out: Path) -> None:
         raise UserInputError(f"cannot write --out {out}: permission denied")
 
 
-def _open_output(out: Path, settings: ExtractionSettings, log: Callable[[str], None]) -> set[str]:
-    """Check that `out` may take rows made with `settings` (without modifying it), then complete its last line and
-    merge the shards of an interrupted run; returns the img_ids already present. Call with the lock held."""
-    leftovers = _leftover_shards(out)
+def open_output(out: Path, settings: ExtractionSettings, log: Callable[[str], None]) -> set[str]:
+    """Check that `out` may take rows made with `settings` (without modifying it), then complete its last line;
+    returns the img_ids already present. Leftover shard files count as rows of `out`. Call with the lock held."""
     has_rows = out.exists() and out.stat().st_size > 0
     if has_rows:
         prove_feature_tsv(out)
-    claim_tsv(out, settings, has_rows=has_rows or bool(leftovers))
-    done: set[str] = set()
-    if has_rows:
-        repaired = repair_tail(out)
-        if repaired.removed_bytes or repaired.newline_added:
-            log(f"{repaired.describe(out)} (left by an interrupted run)")
-        done = set(read_img_ids(out))
+    claim_tsv(out, settings, has_rows=has_rows or bool(leftover_shards(out)))
+    if not has_rows:
+        return set()
+    repaired = repair_tail(out)
+    if repaired.removed_bytes or repaired.newline_added:
+        log(f"{repaired.describe(out)} (left by an interrupted run)")
+    return set(read_img_ids(out))
+
+
+def merge_leftover_shards(out: Path, done: set[str], log: Callable[[str], None]) -> None:
+    """Append the rows of an interrupted run's shard files to `out` (without duplicates; `done` is updated) and
+    remove them. Call with the lock held."""
+    leftovers = leftover_shards(out)
     if leftovers:
         merged = merge_tsv_rows(leftovers, out, done)
         log(f"merged {merged} rows from {len(leftovers)} shard file(s) of an interrupted run")
-        for leftover in leftovers:
-            leftover.unlink()
-    return done
+        remove_shards(leftovers)
 
 
-def _skip_line(path: str, reason: str) -> str:
+def remove_shards(shards: Iterable[Path]) -> None:
+    """Delete shard files and their lock files (once merged, with every writer done)."""
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+        lock_path(shard).unlink(missing_ok=True)
+
+
+def skip_line(path: str, reason: str) -> str:
     """One line of `<out>.skipped.txt`: path TAB reason (a path holding tabs or line breaks is written escaped)."""
     if any(char in path for char in "\t\r\n"):
         path = path.encode("unicode_escape").decode("ascii")
     return f"{path}\t{reason}\n"
-
-
-def _extract_locked(
-    paths: Sequence[Path],
-    out: Path,
-    model: BottomUpFasterRCNN,
-    settings: ExtractionSettings,
-    job: ExtractionJob,
-    devices: int,
-    device: str,
-    log: Callable[[str], None],
-) -> ExtractionResult:
-    selection, given_boxes, batch_size = job.selection, job.given_boxes, job.batch_size
-    done = _open_output(out, settings, log)
-    result = ExtractionResult(already_done=sum(image_id(p) in done for p in paths))
-    todo = [p for p in paths if image_id(p) not in done]
-    log(
-        f"{len(paths)} images: {result.already_done} already in {out}, {len(todo)} to extract "
-        f"({selection.describe() if given_boxes is None else 'given boxes'}, batch {batch_size}, "
-        f"{devices} x {device}, detector precision {precision})"
-    )
-
-    with (
-        open(skipped_path(out), "w", encoding="utf-8") as skipped_file,
-        tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True) as bar,
-    ):
-
-        def on_skip(path: str, reason: str) -> None:
-            result.skipped.append((path, reason))
-            skipped_file.write(_skip_line(path, reason))
-            skipped_file.flush()
-            bar.set_postfix(skipped=len(result.skipped))
-
-        if devices == 1:
-            with TsvWriter(out, append=True, settings=settings) as writer:
-
-                def write(features: ImageFeatures) -> None:
-                    writer.write(features)
-                    result.written += 1
-
-                extract_batches(model, todo, selection, given_boxes, batch_size, write, on_skip, bar.update)
-        else:
-            result.written = _run_shards(todo, out, job, devices, device, on_skip, bar)
-    if not result.skipped:
-        skipped_path(out).unlink()
-    listed = f" (listed in {skipped_path(out)})" if result.skipped else ""
-    log(f"wrote {result.written} rows to {out}; skipped {len(result.skipped)} image(s){listed}")
-    return result
-
-
-def _device_for(device: str, k: int) -> str:
-    return f"cuda:{k}" if device == "cuda" else "cpu"
-
-
-def _run_shards(
-    todo: Sequence[Path],
-    out: Path,
-    job: ExtractionJob,
-    devices: int,
-    device: str,
-    on_skip: Callable[[str, str], None],
-    bar: tqdm,
-) -> int:
-    """Run `devices` worker processes on contiguous shards of `todo`, then append their files to `out` in order."""
-    bounds = np.linspace(0, len(todo), devices + 1).round().astype(int)
-    context = mp.get_context("spawn")  # fork is unsafe once torch's thread pools or CUDA are initialised
-    messages = context.Queue()
-    threads = max(1, (os.cpu_count() or 1) // devices) if device == "cpu" else None
-    workers = [
-        context.Process(
-            target=_shard_worker,
-            args=(
-                list(todo[bounds[k] : bounds[k + 1]]),
-                shard_path(out, k),
-                job,
-                _device_for(device, k),
-                threads,
-                messages,
-            ),
-        )
-        for k in range(devices)
-    ]
-    for worker in workers:
-        worker.start()
-    finished = 0
-    while finished < devices:
-        try:
-            kind, *payload = messages.get(timeout=1.0)
-        except queue.Empty:
-            failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-            if failed:
-                for worker in workers:
-                    worker.terminate()
-                raise RuntimeError(
-                    f"extraction worker(s) failed (exit codes {failed}); rerun the command to resume"
-                ) from None
-            continue
-        if kind == "progress":
-            bar.update(payload[0])
-        elif kind == "skip":
-            on_skip(*payload)
-        else:  # "done"
-            finished += 1
-    for worker in workers:
-        worker.join()
-    shards = [shard_path(out, k) for k in range(devices)]
-    done = set(read_img_ids(out)) if out.exists() else set()
-    written = merge_tsv_rows([s for s in shards if s.exists()], out, done)
-    for shard in shards:
-        shard.unlink(missing_ok=True)
-    return written
-
-
-def _shard_worker(
-    paths: list[Path], shard: Path, job: ExtractionJob, device: str, threads: int | None, messages: mp.Queue
-) -> None:
-    """One worker process: extract `paths` into `shard`, reporting progress and skips through `messages`."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    model, _ = load_detector(
-        job.detector, config=job.detector_config, device=device, geometry=job.geometry, precision=job.precision
-    )
-    with TsvWriter(shard, append=True, repair=True) as writer:
-        extract_batches(
-            model,
-            paths,
-            job.selection,
-            job.given_boxes,
-            job.batch_size,
-            writer.write,
-            lambda path, reason: messages.put(("skip", path, reason)),
-            lambda n: messages.put(("progress", n)),
-        )
-    messages.put(("done",))

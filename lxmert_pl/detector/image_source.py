@@ -86,6 +86,7 @@ class ImageFolderFeatureSource:
         self._cached: dict[str, str] = {}  # img_id -> input key of its row in the cache
         self._rows_in_cache: set[str] = set()
         self._reader: TsvReader | None = None
+        self._follower = False  # reads a cache another process writes (`follow_cache`)
         if self.cache_path is not None:
             self._open_cache()
 
@@ -126,12 +127,12 @@ class ImageFolderFeatureSource:
             if img_id not in self._memory and not self._is_cached(img_id):
                 todo.append(img_id)
         if todo:
-            self._extract(todo, batch_size, keep_in_memory=self.cache_path is None, progress=True)
+            self._extract(todo, batch_size, keep_in_memory=self.cache_path is None or self._follower, progress=True)
 
     def _extract(self, img_ids: list[str], batch_size: int, keep_in_memory: bool, progress: bool) -> None:
         failures: list[tuple[str, str]] = []
         writer = None
-        if self.cache_path is not None:
+        if self.cache_path is not None and not self._follower:
             self._drop_cached_rows([i for i in img_ids if i in self._rows_in_cache])
             writer = TsvWriter(self.cache_path, append=True, repair=True, settings=self.settings)
 
@@ -212,12 +213,24 @@ class ImageFolderFeatureSource:
                 self._keys_path().unlink(missing_ok=True)
                 return
             repair_tail(cache)
-            self._rows_in_cache = set(read_img_ids(cache))
-            try:
-                keys = json.loads(self._keys_path().read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                keys = {}  # rows without keys are not trusted: they are extracted again
-            self._cached = {i: str(keys[i]) for i in self._rows_in_cache if isinstance(keys, dict) and i in keys}
+            self._read_cache_index()
+
+    def _read_cache_index(self) -> None:
+        self._rows_in_cache = set(read_img_ids(self.cache_path)) if self.cache_path.exists() else set()
+        try:
+            keys = json.loads(self._keys_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            keys = {}  # rows without keys are not trusted: they are extracted again
+        self._cached = {i: str(keys[i]) for i in self._rows_in_cache if isinstance(keys, dict) and i in keys}
+        self._reader = None
+
+    def follow_cache(self, cache_path: str | Path) -> None:
+        """Read from `cache_path`, a cache another process (global rank 0 of a DDP run) has just filled with the same
+        settings, without ever writing it: images it lacks are extracted in memory. For a source made without a
+        cache."""
+        self.cache_path = Path(cache_path)
+        self._follower = True
+        self._read_cache_index()
 
     def _drop_cached_rows(self, img_ids: list[str]) -> None:
         """Rewrite the cache without the rows of `img_ids` (made from inputs that have changed since)."""

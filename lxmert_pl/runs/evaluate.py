@@ -9,19 +9,24 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
 
 from lxmert_pl.data.datamodule import MatchingDataModule
+from lxmert_pl.data.sampler import UnpaddedDistributedSampler
+from lxmert_pl.distributed import on_rank_zero
 from lxmert_pl.errors import InterruptedRunError, UserInputError
 from lxmert_pl.features.sources import expand_feature_paths, open_feature_source
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
 from lxmert_pl.runs.errors import lightning_settings
+from lxmert_pl.runs.placement import choose_strategy
 from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logger
 from lxmert_pl.model.loading import load_lxmert
@@ -55,8 +60,9 @@ def _require_file(path: str, what: str) -> Path:
     return p
 
 
-def build_feature_source(cfg: DictConfig, out_dir: Path):
-    """Features from TSV files / stores (paths or globs), or extracted from raw images by the detector (one-step)."""
+def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = True):
+    """Features from TSV files / stores (paths or globs), or extracted from raw images by the detector (one-step;
+    `writes_cache=False`: a source that will follow the cache another process writes, see `PrefetchImages`)."""
     data = cfg.data
     source = data.source
     if source not in ("auto", "features", "images"):
@@ -92,35 +98,57 @@ def build_feature_source(cfg: DictConfig, out_dir: Path):
         precision=cfg.detector.precision,
     )
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
-    cache = out_dir / "image_features.tsv" if cfg.detector.cache else None
+    cache = image_cache_path(cfg, out_dir) if writes_cache else None
     selection = box_selection(cfg.detector)
     source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache)
     mode = "at the given boxes of " + str(data.given_boxes) if boxes else selection.describe()
     return source, f"images: {images} (features extracted by the detector, {mode})"
 
 
-def prefetch_images(source, pairs_file: str, batch_size: int) -> None:
-    """One-step matching: extract every image the pairs need up front (each once), before any worker reads.
+class PrefetchImages(Callback):
+    """One-step matching: extract every image the test pairs need (each once) before the test loop reads them.
 
-    Under DDP this runs in the launching process before the others start, so they find everything cached."""
-    from lxmert_pl.pairs.io import load_pairs
+    Runs in `setup`, where the DDP process group exists. One process: all the images. Several (devices, nodes):
+    with the cache (`detector.cache`, `<out>/image_features.tsv`, on a file system every node sees, like --out),
+    global rank 0 extracts them all into it while the others wait, then they read it (never writing it); without the
+    cache, each process extracts the images of its own pairs, in memory. For many images, extract them first across
+    the nodes with extract.py and evaluate with --features (docs/scale.md)."""
 
-    if hasattr(source, "prefetch"):
-        needed = [p.img_id for p in load_pairs(pairs_file) if p.img_id in source]
-        source.prefetch(needed, batch_size=batch_size)
+    def __init__(self, batch_size: int, cache_path: Path | None) -> None:
+        self.batch_size = batch_size
+        self.cache_path = cache_path
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        source = trainer.datamodule.feature_source
+        if not hasattr(source, "prefetch"):
+            return
+        dataset = trainer.datamodule.datasets[stage]
+        if trainer.world_size == 1:
+            source.prefetch([pair.img_id for pair in dataset.pairs], batch_size=self.batch_size)
+        elif self.cache_path is None:
+            mine = UnpaddedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
+            source.prefetch([dataset.pairs[i].img_id for i in mine], batch_size=self.batch_size)
+        else:
+            on_rank_zero(trainer, lambda: source.prefetch([p.img_id for p in dataset.pairs], batch_size=self.batch_size))
+            if not trainer.is_global_zero:
+                source.follow_cache(self.cache_path)
 
 
-def build_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
-    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+def image_cache_path(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """The one-step feature cache, `<out>/image_features.tsv` (None with detector.cache=false)."""
+    return out_dir / "image_features.tsv" if cfg.detector.cache else None
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     with lightning_settings():
         return pl.Trainer(
             accelerator=cfg.trainer.accelerator,
-            devices=devices,
-            num_nodes=nodes,
-            strategy="ddp" if isinstance(devices, int) and devices * nodes > 1 else "auto",
+            devices=cfg.trainer.devices,
+            num_nodes=cfg.trainer.num_nodes,
+            strategy=choose_strategy(cfg.trainer),
             precision=cfg.trainer.precision,
             logger=loggers,
-            callbacks=[PairsPerSecondBar()],
+            callbacks=[PairsPerSecondBar(), *callbacks],
             use_distributed_sampler=False,  # the datamodule shards pairs itself, without padded duplicates
             enable_checkpointing=False,
             enable_model_summary=False,
@@ -152,8 +180,11 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=require)
     say(f"Weights: {resolved.describe()}\n  {report.summary()}")
 
-    source, source_text = build_feature_source(cfg, out_dir)
-    prefetch_images(source, cfg.data.pairs, cfg.detector.batch_size)
+    resolved_cfg = OmegaConf.to_container(cfg, resolve=True)
+    loggers = build_loggers(cfg.logger, out_dir, name, resolved_cfg)
+    cache = image_cache_path(cfg, out_dir)
+    trainer = build_trainer(cfg, loggers, [PrefetchImages(cfg.detector.batch_size, cache)])
+    source, source_text = build_feature_source(cfg, out_dir, writes_cache=trainer.is_global_zero)
     datamodule = MatchingDataModule(
         feature_source=source, test_pairs=cfg.data.pairs, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, max_seq_length=cfg.data.max_seq_length,
@@ -161,9 +192,6 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     )
     module = MatchingModule(model_config=model.config.to_dict(), heads=model.heads, mode=cfg.mode,
                             threshold=cfg.threshold, factorize=cfg.factorize, model=model)
-    resolved_cfg = OmegaConf.to_container(cfg, resolve=True)
-    loggers = build_loggers(cfg.logger, out_dir, name, resolved_cfg)
-    trainer = build_trainer(cfg, loggers)
     say(f"Pairs: {cfg.data.pairs}\nFeatures: {source_text}\nScoring: {cfg.mode} "
         f"(threshold {module.threshold:g}), output: {out_dir}")
     try:

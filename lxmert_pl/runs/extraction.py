@@ -2,10 +2,16 @@
 
     cfg = compose("extract", flags={"images": "imgs/", "out": "f.tsv", "detector.ckpt": "demo-frcnn"})
     result = run_extract(cfg)
+
+The work runs on Lightning's predict loop (`lxmert_pl.detector.sharded`): `trainer.devices` x `trainer.num_nodes`
+processes (DDP), each extracting its share of the images; under torchrun or SLURM every process runs this function.
 """
 
 from __future__ import annotations
 
+import logging
+
+import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from lxmert_pl.detector.extraction import ExtractionResult, list_images, load_given_boxes, run_extraction
@@ -14,6 +20,11 @@ from lxmert_pl.detector.selection import BoxSelection
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.runs.console import say
+from lxmert_pl.runs.errors import lightning_settings
+from lxmert_pl.runs.placement import choose_strategy
+
+# Lightning's start-up chatter (accelerator lines, tips) is not what the user ran extract for.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def box_selection(detector_cfg: DictConfig) -> BoxSelection:
@@ -30,6 +41,17 @@ def detector_device(accelerator: str) -> str:
     return "cuda" if accelerator == "gpu" else "cpu"
 
 
+def build_trainer(trainer_cfg: DictConfig) -> pl.Trainer:
+    """The Trainer that places the extraction: accelerator, devices per node, nodes, strategy (no logger, no bar:
+    each process shows its own progress in images)."""
+    with lightning_settings():
+        return pl.Trainer(
+            accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
+            strategy=choose_strategy(trainer_cfg), logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+        )  # fmt: skip
+
+
 def run_extract(cfg: DictConfig) -> ExtractionResult:
     if not cfg.images:
         raise UserInputError("no images: pass --images DIR_OR_LISTFILE")
@@ -37,9 +59,10 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
         raise UserInputError("no output file: pass --out FILE.tsv")
     if not cfg.detector.ckpt:
         raise UserInputError("no detector: pass --detector ALIAS_OR_DIR (e.g. frcnn-vg-finetuned, demo-frcnn)")
-    device = detector_device(cfg.trainer.accelerator)
+    trainer = build_trainer(cfg.trainer)
     detector = resolve_checkpoint(str(cfg.detector.ckpt))
-    say(f"Detector: {detector.describe()}")
+    if trainer.is_global_zero:
+        say(f"Detector: {detector.describe()}")
     geometry = choose_geometry(cfg.detector.geometry, detector.geometry, "--geometry")
     paths = list_images(cfg.images)
     if not paths:
@@ -51,8 +74,7 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
         box_selection(cfg.detector),
         given_boxes=None if cfg.given_boxes is None else load_given_boxes(cfg.given_boxes),
         batch_size=int(cfg.detector.batch_size),
-        devices=int(cfg.trainer.devices),
-        device=device,
+        trainer=trainer,
         detector_config=cfg.detector.config,
         geometry=geometry,
         precision=cfg.detector.precision,

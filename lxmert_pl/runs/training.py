@@ -34,6 +34,7 @@ from lxmert_pl.runs.errors import lightning_settings
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers
 from lxmert_pl.runs.module import MatchingModule, TrainingSettings
 from lxmert_pl.runs.outputs import metrics_table
+from lxmert_pl.runs.placement import choose_strategy
 
 MONITOR = "val/roc_auc"  # best.ckpt, early stopping and the non-finite check follow this metric
 
@@ -89,12 +90,11 @@ def describe_checkpoints(checkpoint_dir: Path) -> str:
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, out_dir: Path) -> pl.Trainer:
-    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     with lightning_settings():
         return pl.Trainer(
-            accelerator=cfg.trainer.accelerator, devices=devices, num_nodes=nodes,
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
             # The last cross layer's vision FFN feeds no loss: DDP must be told some parameters get no gradient.
-            strategy="ddp_find_unused_parameters_true" if isinstance(devices, int) and devices * nodes > 1 else "auto",
+            strategy=choose_strategy(cfg.trainer, find_unused_parameters=True),
             precision=cfg.trainer.precision, max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
             gradient_clip_val=cfg.optim.grad_clip, accumulate_grad_batches=cfg.optim.accumulate,
             log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers, callbacks=callbacks,
