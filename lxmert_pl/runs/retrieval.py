@@ -44,9 +44,12 @@ from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.retrieval import (BlockScores, Candidates, EncodingCache, GridBlock, ImageLoader, assemble_scores,
                                  check_k, check_mode, cross_scores, plan_blocks, relevance_matrix, split_directions)
 from lxmert_pl.runs.config import REPO_ROOT
-from lxmert_pl.runs.evaluate import build_feature_source, say
+from lxmert_pl.runs.console import say
+from lxmert_pl.runs.errors import lightning_settings
+from lxmert_pl.runs.evaluate import build_feature_source
 from lxmert_pl.runs.loggers import build_loggers, wandb_logger
 from lxmert_pl.runs.outputs import metrics_table, write_metrics
+from lxmert_pl.runs.placement import choose_strategy
 from lxmert_pl.tokenizer import LxmertTokenizer
 
 TOP_N = 10  # candidates per query in top10.json
@@ -304,11 +307,11 @@ def _check_features(captions: CaptionSet, source, skip_missing: bool, source_tex
 
 
 def build_retrieval_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
-    devices = cfg.trainer.devices
-    return pl.Trainer(accelerator=cfg.trainer.accelerator, devices=devices,
-                      strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
-                      precision=cfg.trainer.precision, logger=loggers, use_distributed_sampler=False,
-                      enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
+    with lightning_settings():
+        return pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                          num_nodes=cfg.trainer.num_nodes, strategy=choose_strategy(cfg.trainer),
+                          precision=cfg.trainer.precision, logger=loggers, use_distributed_sampler=False,
+                          enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
 
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
