@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from lxmert_pl.detector import OBJ36, load_detector, save_tiny_detector
 from lxmert_pl.detector.extraction import ExtractionJob, detector_file_digests, extraction_settings, list_images
 from lxmert_pl.detector.sharded import ShardedExtraction
-from lxmert_pl.detector.tiny import synthetic_image
+from lxmert_pl.detector.random_weights import synthetic_image
 from lxmert_pl.errors import ConfigError
 from lxmert_pl.features import iter_tsv_features, read_img_ids
 from lxmert_pl.runs.placement import choose_strategy
