@@ -37,11 +37,14 @@ def fx(tmp_path_factory):
             "sentences": [t for _, t in sentences], "caption_image": [i for i, _ in sentences]}
 
 
-def _run(fx, out, *extra, devices=1):
-    args = ["--task", "retrieval", "--ckpt", fx["ckpt"], "--captions", fx["captions"], "--split", "test",
+def _args(fx, out, *extra, devices=1) -> list:
+    return ["--task", "retrieval", "--ckpt", fx["ckpt"], "--captions", fx["captions"], "--split", "test",
             "--features", fx["tsv"], "--out", out, "--accelerator", "cpu", "--devices", str(devices),
             "retrieval.image_block=2", "retrieval.caption_block=5", "data.batch_size=4", *extra]
-    return run_script("eval.py", *args)
+
+
+def _run(fx, out, *extra, devices=1):
+    return run_script("eval.py", *_args(fx, out, *extra, devices=devices))
 
 
 def _reference(fx, k=None):
@@ -108,6 +111,28 @@ def test_resume_scores_only_the_missing_blocks(fx, full_run, tmp_path):
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(full_run[0] / "scores.npy"), atol=1e-6)
     proc = _run(fx, out, "--k", "3")  # other settings in the same folder
     assert proc.returncode == 2 and "other settings" in proc.stderr and "k:" in proc.stderr
+
+
+@pytest.mark.slow
+def test_retrieval_killed_mid_grid_resumes_to_the_uninterrupted_result(fx, full_run, tmp_path):
+    """A real SIGKILL after 4 finished blocks (tests/killed_retrieval.py), then the same command again."""
+    import signal
+    import subprocess
+    import sys
+
+    from e2e_helpers import REPO_ROOT
+
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "killed_retrieval.py"), "4", "--",
+                             *map(str, _args(fx, out))], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    finished = _shard_pairs(out)
+    assert len(list((out / "shards").glob("block_*.npz"))) == 4 and not (out / "metrics.json").exists()
+    resumed = _run(fx, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _summary(out)["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS - len(finished)
+    np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(full_run[0] / "scores.npy"), atol=1e-6)
+    assert _summary(out)["metrics"] == _summary(full_run[0])["metrics"]
 
 
 def _shard_pairs(out):
