@@ -263,7 +263,7 @@ def test_unknown_geometry_is_a_user_error_listing_the_valid_ones():
 
 
 def test_choice_order_explicit_then_registry_then_port():
-    assert choose_geometry(None, None) == "port"
+    assert choose_geometry(None, None) is None  # the weights' own: load_detector decides (port unless recorded)
     assert choose_geometry(None, "caffe") == "caffe"
     assert choose_geometry("port", "caffe") == "port"
     with pytest.raises(UnknownGeometryError, match="checkpoint registry"):

@@ -306,8 +306,9 @@ def test_convert_then_load_gives_the_same_network(golden_run, tmp_path):
     caffemodel, config = _files()
     out = tmp_path / "converted"
     assert main(["convert", str(caffemodel), "--out", str(out), "--detector-config", str(config)]) == 0
-    converted, report = load_detector(out, geometry="caffe")
+    converted, report = load_detector(out)  # the converted config records the caffe geometry
     assert report.geometry == "caffe" and not report.missing and not report.unexpected
+    assert load_detector(out, geometry="port")[0].geometry == "port"  # an explicit choice still wins
     direct = golden_run["model"].state_dict()
     assert converted.state_dict().keys() == direct.keys()
     assert all(torch.equal(value, direct[key]) for key, value in converted.state_dict().items())

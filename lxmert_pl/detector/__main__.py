@@ -7,8 +7,8 @@
 regressor on the images (see `lxmert_pl/detector/probe.py`); prints per-geometry statistics and a verdict.
 
 `convert`: read an original bottom-up-attention caffemodel once and write DIR/config.yaml + DIR/model.safetensors
-(the HF port's format, see `lxmert_pl/detector/caffemodel.py`); `extract.py --detector DIR --geometry caffe` then
-gives the same features as `--detector FILE.caffemodel`.
+(the HF port's format, see `lxmert_pl/detector/caffemodel.py`; the config records the caffe geometry);
+`extract.py --detector DIR` then gives the same features as `--detector FILE.caffemodel`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _convert(args: argparse.Namespace) -> None:
 
     report = convert_caffemodel(args.caffemodel, args.out, config=args.detector_config)
     print(report.summary())
-    print(f"wrote {args.out}/{CONFIG_NAME} and {args.out}/{CONVERTED_WEIGHTS_NAME} (use them with --geometry caffe)")
+    print(f"wrote {args.out}/{CONFIG_NAME} and {args.out}/{CONVERTED_WEIGHTS_NAME} (the config records the caffe "
+          "geometry: --detector DIR runs with it)")
 
 
 def main(argv: list[str] | None = None) -> int:

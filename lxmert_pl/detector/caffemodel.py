@@ -48,7 +48,15 @@ from ..errors import CheckpointError, UserInputError
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
-from .loading import CONFIG_NAME, DetectorLoadReport, _abbreviate, export_port_state_dict, port_key, raise_if_unfit
+from .loading import (
+    CONFIG_NAME,
+    DetectorLoadReport,
+    _abbreviate,
+    export_port_state_dict,
+    port_key,
+    raise_if_unfit,
+    record_geometry,
+)
 from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
@@ -478,8 +486,8 @@ def load_caffemodel(
 def convert_caffemodel(path: str | Path, out_dir: str | Path, config: str | Path | None = None) -> CaffeLoadReport:
     """Write `out_dir/config.yaml` + `out_dir/model.safetensors` (the port's format and key names, `bbox_pred` in the
     port's layout, the port's `cell_anchors`, so that the HF port itself also loads it) from a `.caffemodel`, so that
-    the protobuf parse happens once. Loading `out_dir` with geometry `caffe` gives the same network as loading the
-    caffemodel directly (the directory does not record the geometry: pass it)."""
+    the protobuf parse happens once. Loading `out_dir` gives the same network as loading the caffemodel directly (the
+    config records the `caffe` geometry; an explicit `--geometry port` still wins)."""
     model, state, report = read_caffemodel_state(path, config)
     cfg = CAFFE_RESNET101 if config is None else FrcnnConfig.from_yaml(config)
     export = export_port_state_dict(model, cfg)
@@ -490,5 +498,6 @@ def convert_caffemodel(path: str | Path, out_dir: str | Path, config: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(out_dir / CONFIG_NAME)
+    record_geometry(out_dir / CONFIG_NAME, CAFFE)  # loading out_dir then needs no --geometry
     save_file(export, str(out_dir / CONVERTED_WEIGHTS_NAME), metadata={"converted_from": str(Path(path).name)})
     return report

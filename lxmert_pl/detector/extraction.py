@@ -34,7 +34,6 @@ from ..features.locking import lock_path
 from ..features.provenance import ExtractionSettings, claim_tsv, sha256_of_file
 from ..features.record import ImageFeatures, box_problem
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
-from .geometry import DEFAULT_GEOMETRY
 from .loading import DetectorLoadReport, load_detector
 from .model import BottomUpFasterRCNN
 from .preprocess import ImageReadError, read_image
@@ -279,7 +278,7 @@ def run_extraction(
     device: str = "cpu",
     detector_config: str | Path | None = None,
     log: Callable[[str], None] = print,
-    geometry: str = DEFAULT_GEOMETRY,
+    geometry: str | None = None,
     precision: str = "fp32",
     trainer: pl.Trainer | None = None,
 ) -> ExtractionResult:

@@ -33,11 +33,15 @@ def check_geometry(geometry: str, source: str = "geometry") -> str:
     return geometry
 
 
-def choose_geometry(explicit: str | None, registry_default: str | None = None, source: str = "geometry") -> str:
-    """The geometry a run uses: the explicit choice (a `--geometry` flag, a config key named by `source`) when given,
-    else the registry's value for the detector alias, else `DEFAULT_GEOMETRY` (`port`). Validated."""
+def choose_geometry(
+    explicit: str | None, registry_default: str | None = None, source: str = "geometry"
+) -> str | None:
+    """The geometry a run asks for: the explicit choice (a `--geometry` flag, a config key named by `source`) when
+    given, else the registry's value for the detector alias, else None: the weights' own (`load_detector`: `caffe`
+    for a `.caffemodel` and for a directory that `convert` wrote from one, else `DEFAULT_GEOMETRY`, `port`).
+    Validated."""
     if explicit is not None:
         return check_geometry(explicit, source)
     if registry_default is not None:
         return check_geometry(registry_default, "checkpoint registry")
-    return DEFAULT_GEOMETRY
+    return None

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from ..errors import CheckpointError  # noqa: F401  (re-exported)
 from ..weights_file import read_weights_file
 from .config import FrcnnConfig
-from .geometry import CAFFE, DEFAULT_GEOMETRY, PORT
+from .geometry import CAFFE, DEFAULT_GEOMETRY, PORT, check_geometry
 from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
@@ -110,6 +111,31 @@ def raise_if_unfit(report: DetectorLoadReport, what: str, unit: str = "") -> Non
     raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
+# Our own section of a port-format config.yaml (the port ignores unknown sections): the proposal geometry the weights
+# were made for, written by `convert_caffemodel`, so a converted directory runs with `caffe` without being told.
+OWN_SECTION, GEOMETRY_KEY = "LXMERT_PL", "PROPOSAL_GEOMETRY"
+
+
+def recorded_geometry(config_path: Path | None) -> str | None:
+    """The geometry a config.yaml records for its weights (`LXMERT_PL.PROPOSAL_GEOMETRY`), or None."""
+    if config_path is None or not Path(config_path).is_file():
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    section = data.get(OWN_SECTION) if isinstance(data, dict) else None
+    value = section.get(GEOMETRY_KEY) if isinstance(section, dict) else None
+    return None if value is None else check_geometry(str(value), f"{config_path}: {OWN_SECTION}.{GEOMETRY_KEY}")
+
+
+def record_geometry(config_path: Path, geometry: str) -> None:
+    """Add `LXMERT_PL.PROPOSAL_GEOMETRY: geometry` to a config.yaml (see `recorded_geometry`)."""
+    with open(config_path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    data[OWN_SECTION] = {GEOMETRY_KEY: check_geometry(geometry, "geometry")}
+    with open(config_path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a `.safetensors` file or a torch state-dict file (`torch.load(weights_only=True)`, CPU).
 
@@ -194,7 +220,7 @@ def load_detector(
         if fuse_batchnorm:
             model.fuse_batchnorm()
         return model.set_precision(precision).to(device), caffe_report
-    geometry = DEFAULT_GEOMETRY if geometry is None else geometry
+    geometry = geometry or recorded_geometry(config_path) or DEFAULT_GEOMETRY
     cfg = FrcnnConfig.from_yaml(config_path)
     checkpoint = read_state_dict(weights_path)
     return detector_from_port_state_dict(
