@@ -131,7 +131,7 @@ def stage_detector(args: argparse.Namespace) -> None:
     out = DEMO / "frcnn"
     save_tiny_detector(out, seed=0, res2_out_channels=args.dim // 8, **DETECTOR_OVERRIDES)
     cfg = FrcnnConfig.from_yaml(out / CONFIG_NAME)
-    model, _ = load_detector(out)
+    model, _ = load_detector(out, fuse_batchnorm=False)  # trained below: keep its BatchNorms
     ids, boxes, labels = crop_labels("train")
     # Preprocess once (the network input of every train image and its boxes in network pixels).
     inputs = []

@@ -186,7 +186,7 @@ def test_extract_cli_precision_bf16(tmp_path):
                          "--precision", "bf16"])
     assert code == 0 and out.exists()
     with pytest.raises(SystemExit):
-        extract.parse_args(["--images", "x", "--out", "y", "--detector", "z", "--precision", "fp16"])
+        extract.COMMAND.compose(["--images", "x", "--out", "y", "--detector", "z", "--precision", "fp16"])
 
 
 def test_bf16_head_agreement_under_the_caffe_geometry(frcnn_golden):

@@ -340,9 +340,9 @@ def test_provenance_sidecar_and_refusal_to_mix_settings(detector_dir, image_dir,
     with pytest.raises(ProvenanceMismatchError, match=r"given_boxes: False != True"):
         run_extraction(paths, out, detector_dir, OBJ36, given_boxes=load_given_boxes(boxes), log=_quiet)
     # Mixing two proposal geometries or two precisions in one file would be silent corruption.
-    with pytest.raises(ProvenanceMismatchError, match=r"geometry: port != caffe"):
+    with pytest.raises(ProvenanceMismatchError, match=r"geometry: 'port' != 'caffe'"):
         run_extraction(paths, out, detector_dir, OBJ36, geometry="caffe", log=_quiet)
-    with pytest.raises(ProvenanceMismatchError, match=r"precision: fp32 != bf16"):
+    with pytest.raises(ProvenanceMismatchError, match=r"precision: 'fp32' != 'bf16'"):
         run_extraction(paths, out, detector_dir, OBJ36, precision="bf16", log=_quiet)
     assert out.read_bytes() == before
     result = run_extraction(paths, out, detector_dir, OBJ36, log=_quiet)  # same settings: resumes
