@@ -10,7 +10,6 @@ probabilities and confidences <= 2e-5; logits and pooled features <= 1e-4; rois 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_detector import NAMES, run_tiny_golden
 from lxmert_pl.detector import (
     ADAPTIVE_10_100,
     OBJ36,
@@ -43,7 +43,6 @@ from lxmert_pl.features.tsv import iter_tsv_features
 from lxmert_pl.registry import load_registry, resolve_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("astronaut", "coffee")
 SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
 
 _spec = importlib.util.spec_from_file_location("extract", REPO_ROOT / "extract.py")
@@ -53,26 +52,9 @@ _spec.loader.exec_module(extract)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.lru_cache(maxsize=1)
-def _run_golden(directory: Path) -> dict:
-    """The tiny golden detector in the caffe geometry on both images, one at a time and as a batch (once)."""
-    model, report = load_detector(
-        directory / "tiny_frcnn.safetensors", config=directory / "tiny_config.yaml", geometry="caffe"
-    )
-    images = [read_image(directory / f"{name}.png") for name in NAMES]
-    return {
-        "model": model,
-        "report": report,
-        "images": images,
-        "data": np.load(directory / "tiny_caffe_outputs.npz"),
-        "single": [model.detect([image])[0] for image in images],
-        "batch": model.detect(images),
-    }
-
-
 @pytest.fixture
 def golden(frcnn_golden):
-    return _run_golden(frcnn_golden)
+    return run_tiny_golden(frcnn_golden, "caffe")
 
 
 def _first_difference(actual: np.ndarray, expected: np.ndarray, atol: float) -> str:
@@ -157,7 +139,7 @@ def test_the_two_geometries_give_different_proposals(golden, frcnn_golden, i):
 
 @pytest.mark.parametrize("tag", SELECTIONS)
 def test_extract_cli_with_caffe_geometry(frcnn_golden, tmp_path, capsys, tag):
-    data = _run_golden(frcnn_golden)["data"]
+    data = run_tiny_golden(frcnn_golden, "caffe")["data"]
     images = tmp_path / "images"
     images.mkdir()
     for name in NAMES:
@@ -324,7 +306,7 @@ def test_state_dict_without_port_anchors_loads_for_caffe_only(frcnn_golden):
     model, report = detector_from_port_state_dict(cfg, state, "tiny_config.yaml", "converted", geometry="caffe")
     assert not report.unexpected and report.geometry == "caffe"
     out = model.detect([read_image(frcnn_golden / "astronaut.png")])[0]
-    data = _run_golden(frcnn_golden)["data"]
+    data = run_tiny_golden(frcnn_golden, "caffe")["data"]
     np.testing.assert_allclose(out.boxes.numpy(), data["img0_proposals"], atol=5e-3, rtol=0)
     with pytest.raises(CheckpointError, match="cell_anchors"):
         detector_from_port_state_dict(cfg, state, "tiny_config.yaml", "converted", geometry="port")

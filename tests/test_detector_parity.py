@@ -7,39 +7,23 @@ object and attribute ids exact; a batch of two equals one image at a time within
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36, load_detector, read_image
+from helpers_detector import run_tiny_golden
+from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36
 
-NAMES = ("astronaut", "coffee")
 SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.lru_cache(maxsize=1)
-def _run_golden(directory: Path) -> dict:
-    """The tiny golden detector run on both images, one at a time and as a batch (computed once per session)."""
-    model, _ = load_detector(directory / "tiny_frcnn.safetensors", config=directory / "tiny_config.yaml")
-    images = [read_image(directory / f"{name}.png") for name in NAMES]
-    return {
-        "model": model,
-        "images": images,
-        "data": np.load(directory / "tiny_outputs.npz"),
-        "single": [model.detect([image])[0] for image in images],
-        "batch": model.detect(images),
-    }
-
-
 @pytest.fixture
 def golden(frcnn_golden):
-    return _run_golden(frcnn_golden)
+    return run_tiny_golden(frcnn_golden, "port")
 
 
 def _close(actual: torch.Tensor, expected: np.ndarray, atol: float, rtol: float = 0.0) -> float:

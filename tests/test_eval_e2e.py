@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from e2e_helpers import make_eval_fixture, read_wandb_summary, run_script, save_vqa_snapshot
 
 from lxmert_pl.scoring import Scorer

@@ -7,6 +7,7 @@ the one-line message (exit 2, no traceback) or the files left behind.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
     return {"tmp": tmp, "labelled": labelled, "unlabelled": unlabelled}
 
 
-def _eval(*args) -> "subprocess.CompletedProcess":  # noqa: F821
+def _eval(*args) -> subprocess.CompletedProcess:
     return run_script("eval.py", "--ckpt", "demo-lxrt", *args)
 
 
@@ -85,7 +86,6 @@ def test_bad_paths_and_pair_files(pairs):
 def test_sigint_says_it_was_interrupted_and_writes_nothing(pairs):
     import os
     import signal
-    import subprocess
     import sys
     import time
 
