@@ -174,7 +174,6 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
-
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=require)
