@@ -29,3 +29,13 @@ def run_tiny_golden(directory: Path, geometry: str) -> dict:
         "single": [model.detect([image])[0] for image in images],
         "batch": model.detect(images),
     }
+
+
+def check_golden_row(row, data, key: str) -> None:
+    """One extracted TSV row against the golden arrays `{key}_*` (ids exact; the golden tolerances for the rest)."""
+    np.testing.assert_array_equal(row.objects_id, data[f"{key}_objects_id"])
+    np.testing.assert_array_equal(row.attrs_id, data[f"{key}_attrs_id"])
+    np.testing.assert_allclose(row.objects_conf, data[f"{key}_objects_conf"], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(row.attrs_conf, data[f"{key}_attrs_conf"], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(row.boxes, data[f"{key}_boxes"], atol=1e-2, rtol=0)
+    np.testing.assert_allclose(row.features, data[f"{key}_features"], atol=1e-4, rtol=0)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_detector import NAMES, run_tiny_golden
+from helpers_detector import NAMES, check_golden_row, run_tiny_golden
 from lxmert_pl.detector import (
     ADAPTIVE_10_100,
     OBJ36,
@@ -95,22 +95,13 @@ def test_network_outputs(golden, i):
     np.testing.assert_allclose(out.attr_prob.numpy(), data[f"img{i}_attr_prob"], atol=2e-5, rtol=0)
 
 
-def _check_row(row, data, key: str) -> None:
-    np.testing.assert_array_equal(row.objects_id, data[f"{key}_objects_id"])
-    np.testing.assert_array_equal(row.attrs_id, data[f"{key}_attrs_id"])
-    np.testing.assert_allclose(row.objects_conf, data[f"{key}_objects_conf"], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(row.attrs_conf, data[f"{key}_attrs_conf"], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(row.boxes, data[f"{key}_boxes"], atol=1e-2, rtol=0)
-    np.testing.assert_allclose(row.features, data[f"{key}_features"], atol=1e-4, rtol=0)
-
-
 @pytest.mark.parametrize("i", [0, 1])
 @pytest.mark.parametrize("tag", SELECTIONS)
 def test_selected_rows(golden, i, tag):
     data, model, region = golden["data"], golden["model"], golden["single"][i]
     chosen = select_boxes(region.rois, region.cls_prob, region.attr_prob, SELECTIONS[tag], background_first=False)
     np.testing.assert_array_equal(chosen.keep.numpy(), data[f"img{i}_{tag}_keep"])
-    _check_row(model.to_features(str(data[f"img{i}_name"]), region, SELECTIONS[tag]), data, f"img{i}_{tag}")
+    check_golden_row(model.to_features(str(data[f"img{i}_name"]), region, SELECTIONS[tag]), data, f"img{i}_{tag}")
 
 
 @pytest.mark.parametrize("i", [0, 1])
@@ -156,7 +147,7 @@ def test_extract_cli_with_caffe_geometry(frcnn_golden, tmp_path, capsys, tag):
     rows = {row.img_id: row for row in iter_tsv_features(out)}
     for i, name in enumerate(NAMES):
         assert rows[name].num_boxes == len(data[f"img{i}_{tag}_keep"])
-        _check_row(rows[name], data, f"img{i}_{tag}")
+        check_golden_row(rows[name], data, f"img{i}_{tag}")
 
 
 # ---- the proposal layer's rules on constructed inputs -----------------------------------------------------------

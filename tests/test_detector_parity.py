@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_detector import run_tiny_golden
+from helpers_detector import check_golden_row, run_tiny_golden
 from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36
 
 SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
@@ -62,12 +62,7 @@ def test_extracted_rows(golden, i, tag):
     row = model.to_features(str(data[f"img{i}_name"]), golden["single"][i], SELECTIONS[tag])
     key = f"img{i}_{tag}"
     assert (row.img_h, row.img_w) == (data[f"img{i}_img_h"], data[f"img{i}_img_w"])
-    np.testing.assert_array_equal(row.objects_id, data[f"{key}_objects_id"])
-    np.testing.assert_array_equal(row.attrs_id, data[f"{key}_attrs_id"])
-    np.testing.assert_allclose(row.objects_conf, data[f"{key}_objects_conf"], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(row.attrs_conf, data[f"{key}_attrs_conf"], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(row.boxes, data[f"{key}_boxes"], atol=1e-2, rtol=0)
-    np.testing.assert_allclose(row.features, data[f"{key}_features"], atol=1e-4, rtol=0)
+    check_golden_row(row, data, key)
     assert row.objects_id.dtype == np.int64 and row.features.dtype == np.float32 and row.boxes.dtype == np.float32
 
 
