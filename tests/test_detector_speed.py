@@ -116,7 +116,7 @@ def test_bit_identical_crops_go_through_res5_once(golden, i):
     assert sum(seen) == 300 - (6, 8)[i]
 
 
-def test_pool_unique_merges_only_equal_crops(golden):
+def test_pool_unique_merges_rois_on_the_same_feature_cells(golden):
     head = golden["fp32"].roi_head
     features = torch.randn(1, 4, 20, 20)
     # Same feature cells after rounding (x 1/16): rows 0, 1 and 3; row 2 is other cells; no boxes; one box.
@@ -127,6 +127,31 @@ def test_pool_unique_merges_only_equal_crops(golden):
     assert torch.equal(crops[index], head.pool(features, boxes))
     assert head.pool_unique(features, boxes[:0])[0].shape[0] == 0
     assert head.pool_unique(features, boxes[:1])[1].tolist() == [0]
+    # the bf16 head pools straight to bfloat16: the float32 crops, rounded
+    bf16_crops, bf16_index = golden["bf16"].roi_head.pool_unique(features, boxes)
+    assert bf16_crops.dtype == torch.bfloat16 and torch.equal(bf16_index, index)
+    assert torch.equal(bf16_crops, crops.bfloat16())
+
+
+def test_cpu_chunks_keep_activations_small_and_change_nothing(golden):
+    """On CPU res5 runs on chunks of RoIs (fresh pages for 0.5 GB activations cost a fifth of res5's time); a chunk
+    size changes results by float rounding at most (oneDNN may pick another algorithm for another batch)."""
+    from lxmert_pl.detector.roi_heads import CPU_ACTIVATION_BYTES, Res5RoIHead
+
+    head = golden["fp32"].roi_head
+    assert head.roi_chunk_size is None
+    widest = 4 * head.pooler.output_size**2 * max(m.out_channels for m in head.res5.modules()
+                                                  if isinstance(m, torch.nn.Conv2d))
+    assert head.chunk_size(torch.device("cpu")) == CPU_ACTIVATION_BYTES // widest
+    assert golden["bf16"].roi_head.chunk_size(torch.device("cpu")) == CPU_ACTIVATION_BYTES // (widest // 2)
+    assert head.chunk_size(torch.device("meta")) == 512
+    crops = torch.rand(9, head.res5[0].conv1.in_channels, 14, 14)
+    with torch.no_grad():
+        whole = Res5RoIHead(head.pooler, head.res5, head.predictor, roi_chunk_size=9)(crops)
+        for size in (1, 4):
+            chunked = Res5RoIHead(head.pooler, head.res5, head.predictor, roi_chunk_size=size)(crops)
+            torch.testing.assert_close(chunked.pooled, whole.pooled, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(chunked.cls_logits, whole.cls_logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("i", [0, 1])

@@ -441,7 +441,7 @@ def check_caffemodel_geometry(path: str | Path, geometry: str) -> None:
 
 
 def read_caffemodel_state(
-    path: str | Path, config: str | Path | None = None, roi_chunk_size: int = 512
+    path: str | Path, config: str | Path | None = None, roi_chunk_size: int | None = None
 ) -> tuple[BottomUpFasterRCNN, dict[str, torch.Tensor], CaffeLoadReport]:
     """(model with the caffemodel's weights loaded, the full port-layout state dict incl. `bbox_pred` and the port's
     `cell_anchors`, report). The model runs the `caffe` geometry."""
@@ -472,7 +472,7 @@ def load_caffemodel(
     path: str | Path,
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
-    roi_chunk_size: int = 512,
+    roi_chunk_size: int | None = None,
     geometry: str = CAFFE,
 ) -> tuple[BottomUpFasterRCNN, CaffeLoadReport]:
     """Build the detector (the `CAFFE_RESNET101` preset, or `config`, a port-format config.yaml) with the `caffe`

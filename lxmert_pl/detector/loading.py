@@ -185,7 +185,7 @@ def load_detector(
     path: str | Path,
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
-    roi_chunk_size: int = 512,
+    roi_chunk_size: int | None = None,
     geometry: str | None = None,
     precision: str = "fp32",
     fuse_batchnorm: bool = True,
@@ -198,7 +198,7 @@ def load_detector(
             original caffe `.caffemodel` (`caffemodel.load_caffemodel`).
         config: the config file, if not `config.yaml` next to the weights.
         device: where the model goes.
-        roi_chunk_size: RoIs per res5 call (memory bound; see `Res5RoIHead`).
+        roi_chunk_size: RoIs per res5 call; None: automatic (see `Res5RoIHead`).
         geometry: "port" or "caffe" proposal geometry (`geometry.py`); the same port-format weights serve both.
             None: the weights' own, `port` for port-format weights, `caffe` for a `.caffemodel` (which only runs
             with `caffe`).
@@ -243,7 +243,7 @@ def detector_from_port_state_dict(
     config_path: str | Path,
     weights_path: str | Path,
     device: str | torch.device = "cpu",
-    roi_chunk_size: int = 512,
+    roi_chunk_size: int | None = None,
     geometry: str = DEFAULT_GEOMETRY,
     precision: str = "fp32",
     fuse_batchnorm: bool = True,

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import RoIPool
 
 from ..errors import ConfigError
 from ..features.record import ImageFeatures
@@ -34,6 +33,7 @@ from .config import FrcnnConfig
 from .geometry import CAFFE, DEFAULT_GEOMETRY, check_geometry
 from .preprocess import CaffePreprocess, read_image
 from .roi_heads import AttributePredictor, Res5RoIHead, build_res5
+from .roi_pool import RoIMaxPool
 from .rpn import AnchorGenerator, BoxDecoder, RegionProposalNetwork, RPNHead
 from .selection import OBJ36, BoxSelection, object_columns, select_boxes
 
@@ -288,7 +288,7 @@ class BottomUpFasterRCNN(nn.Module):
 
 
 def build_detector(
-    cfg: FrcnnConfig, roi_chunk_size: int = 512, geometry: str = DEFAULT_GEOMETRY, channels_last: bool = True
+    cfg: FrcnnConfig, roi_chunk_size: int | None = None, geometry: str = DEFAULT_GEOMETRY, channels_last: bool = True
 ) -> BottomUpFasterRCNN:
     """The detector with the config's sizes and test-time settings, in eval mode, float32, BatchNorms not folded
     (random weights: see `loading.load_detector` for the checkpoint, which also folds them).
@@ -331,7 +331,7 @@ def build_detector(
         groups=cfg.num_groups,
     )
     roi_head = Res5RoIHead(
-        RoIPool((cfg.pooler_resolution, cfg.pooler_resolution), spatial_scale=1.0 / cfg.feature_stride),
+        RoIMaxPool(cfg.pooler_resolution, spatial_scale=1.0 / cfg.feature_stride),
         res5,
         AttributePredictor(cfg.pooled_dim, cfg.num_classes, cfg.num_attrs),
         roi_chunk_size=roi_chunk_size,

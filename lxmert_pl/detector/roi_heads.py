@@ -1,13 +1,20 @@
-"""RoI head: RoIPool 14x14 on res4 -> res5 (dilated, stride 1) -> spatial mean -> class and attribute predictors.
+"""RoI head: RoI max pooling 14x14 on res4 -> res5 (dilated, stride 1) -> spatial mean -> class and attribute predictors.
 
 SPEC.md §4. Pooling is per image (each image keeps its own unpadded res4 map); res5 and the predictors then run on
 the crops of all images at once, which is where nearly all the compute goes (92% of the full model's FLOPs at
 600x800) and needs no padding.
 
-Speed without changing results: RoIs whose crops are bit-identical (RoIPool rounds boxes to whole feature cells, so
-distinct proposals can pool the same crop: 6-8 of 300 on the golden images) go through res5 once; res5 runs on
-channels-last tensors; optionally (`set_dtype(torch.bfloat16)`, the detector's `precision="bf16"`) in bfloat16, while
-pooling, the spatial mean and the predictors stay in float32, so `RoIOutputs` are always float32.
+Speed without changing results:
+- pooling is `RoIMaxPool` (bit-identical to torchvision's single-threaded RoIPool, in parallel tensor ops), straight
+  to the dtype res5 computes in and in the channels-last layout res5 reads;
+- RoIs that round to the same feature cells pool the same crop (6-8 of 300 on the golden images): such crops are
+  pooled and run through res5 once;
+- res5 runs on channels-last tensors, on CPU in chunks of RoIs whose activations stay within 16 MiB: glibc hands
+  larger blocks back to the OS when they are freed, and faulting in fresh pages for each ~0.5 GB activation of 300
+  RoIs cost about a fifth of res5's time (a chunk size changes results by float rounding at most: the convolution
+  library may pick another algorithm for another batch size; at full size they were bit-identical);
+- optionally (`set_dtype(torch.bfloat16)`, the detector's `precision="bf16"`) res5 in bfloat16, while the spatial
+  mean and the predictors stay in float32, so `RoIOutputs` are always float32.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import RoIPool
-
 from .backbone import make_stage
+from .roi_pool import RoIMaxPool
+
+# On CPU, res5 runs on as many RoIs at once as keep its widest activation within this many bytes (module doc).
+CPU_ACTIVATION_BYTES = 16 * 2**20
+# Elsewhere (CUDA's caching allocator reuses memory), on at most this many RoIs at once.
+DEVICE_ROI_CHUNK = 512
 
 
 @dataclass
@@ -58,27 +69,29 @@ class AttributePredictor(nn.Module):
 
 
 class Res5RoIHead(nn.Module):
-    """RoIPool + res5 + predictor.
+    """RoI max pooling + res5 + predictor.
 
     Args:
-        pooler: a torchvision `RoIPool` (14x14, spatial scale 1/16 for the published model).
+        pooler: `RoIMaxPool` (14x14, spatial scale 1/16 for the published model).
         res5: the res5 stage (stride 1, dilation 2 for the VG model).
         predictor: `AttributePredictor`.
-        roi_chunk_size: res5 runs on at most this many RoIs at once (bounds memory: 300 RoIs of the full model need
-            ~0.5 GB per activation tensor); chunking does not change any RoI's result beyond float rounding.
+        roi_chunk_size: res5 runs on at most this many RoIs at once; None: on CPU as many as keep each activation
+            within `CPU_ACTIVATION_BYTES` (10 float32 / 20 bfloat16 RoIs of the full model), elsewhere 512. Chunking
+            bounds memory (300 RoIs of the full model need ~0.5 GB per float32 activation); results change by float
+            rounding at most.
         channels_last: run res5 on NHWC tensors (1.26x faster on CPU with oneDNN; tensor cores want it too).
     """
 
     def __init__(
         self,
-        pooler: RoIPool,
+        pooler: RoIMaxPool,
         res5: nn.Sequential,
         predictor: AttributePredictor,
-        roi_chunk_size: int = 512,
+        roi_chunk_size: int | None = None,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        if roi_chunk_size < 1:
+        if roi_chunk_size is not None and roi_chunk_size < 1:
             raise ValueError(f"roi_chunk_size must be >= 1, got {roi_chunk_size}")
         self.pooler = pooler
         self.res5 = res5
@@ -103,56 +116,59 @@ class Res5RoIHead(nn.Module):
             raise ValueError(f"the RoI head computes in float32 or bfloat16, got {dtype}")
         self.res5.to(dtype=dtype, memory_format=self.memory_format)
 
-    def pool(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Crops (R, C, 14, 14), float32, of one image's res4 map (1, C, h, w) at boxes (R, 4) in network pixels.
+    def pool(self, features: torch.Tensor, boxes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Crops (R, C, 14, 14) in `dtype`, channels-last, of one image's res4 map (1, C, h, w) at boxes (R, 4) in
+        network pixels.
 
-        Pools in float32 whatever the dtypes given (under autocast the map may be bfloat16): RoIPool is a max, so
-        pooling then casting equals casting then pooling, and boxes must never be rounded to bfloat16 (4 px steps).
+        Pools the map's float32 values whatever its dtype (under autocast it may be bfloat16) and never rounds the
+        boxes to a lower precision (bfloat16 has 4 px steps at 800 px); RoIPool is a max, so pooling to bfloat16
+        equals pooling in float32 then casting.
         """
-        boxes = boxes.float()
-        rois = torch.cat([boxes.new_zeros(boxes.shape[0], 1), boxes], dim=1)
-        return self.pooler(features.float(), rois)
+        return self.pooler(features, boxes.float(), dtype=dtype)
 
     def pool_unique(self, features: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pool` with bit-identical crops kept once: (crops (U, C, k, k), index (R,)), `pool(...) == crops[index]`.
+        """`pool` in the head's dtype with equal crops pooled once: (crops (U, C, k, k), index (R,)) with
+        `pool(features, boxes, head.dtype) == crops[index]`.
 
-        Candidates are RoIs that RoIPool rounds to the same feature cells (the kernel's `round(coordinate * scale)`,
-        half away from zero); a candidate is merged only if its crop is bit-identical to the first one's, so a
-        rounding corner case can cost a merge but never change a result. Kept crops are in RoI order.
+        A crop is a function of the feature cells its box rounds to (`RoIMaxPool.cells`), so RoIs with the same
+        cells share one crop, exactly. Kept crops are in the order of their first RoI.
         """
-        crops = self.pool(features, boxes)
         count = boxes.shape[0]
-        order = torch.arange(count, device=crops.device)
+        order = torch.arange(count, device=boxes.device)
         if count < 2:
-            return crops, order
-        scaled = (boxes.float() * self.pooler.spatial_scale).double()
-        cells = torch.where(scaled >= 0, torch.floor(scaled + 0.5), torch.ceil(scaled - 0.5)).long()
-        _, group = torch.unique(cells, dim=0, return_inverse=True)
-        first = torch.full((int(group.max()) + 1,), count, device=crops.device, dtype=torch.long)
+            return self.pool(features, boxes, self.dtype), order
+        _, group = torch.unique(self.pooler.cells(boxes), dim=0, return_inverse=True)
+        first = torch.full((int(group.max()) + 1,), count, device=boxes.device, dtype=torch.long)
         first = first.scatter_reduce(0, group, order, reduce="amin")
-        representative = first[group]
-        candidates = (representative != order).nonzero().flatten()
-        if candidates.numel():
-            same = (crops[candidates] == crops[representative[candidates]]).flatten(1).all(dim=1)
-            representative[candidates[~same]] = candidates[~same]
-        kept, index = torch.unique(representative, return_inverse=True)
-        return crops[kept], index
+        kept, index = torch.unique(first[group], return_inverse=True)
+        return self.pool(features, boxes[kept], self.dtype), index
 
     def forward(self, crops: torch.Tensor, index: torch.Tensor | None = None) -> RoIOutputs:
         """res5, mean and predictors on pooled crops (U, C, 14, 14) from any number of images.
 
         Args:
-            crops: float32 crops (`pool` / `pool_unique`).
+            crops: crops in any float dtype (`pool` / `pool_unique`); res5 casts them to its dtype.
             index: (R,) row of `crops` for each RoI (from `pool_unique`); None: one RoI per crop.
         res5 runs in `self.dtype` (and under an outer autocast as that autocast says); the spatial mean and the
         predictors always run in float32 with autocast off.
         """
-        pooled = torch.cat([self._res5_mean(chunk) for chunk in crops.split(self.roi_chunk_size)])
+        pooled = torch.cat([self._res5_mean(chunk) for chunk in crops.split(self.chunk_size(crops.device))])
         if index is not None:
             pooled = pooled[index]
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             cls_logits, attr_logits = self.predictor(pooled)
         return RoIOutputs(pooled=pooled, cls_logits=cls_logits, attr_logits=attr_logits)
+
+    def chunk_size(self, device: torch.device) -> int:
+        """RoIs per res5 call on `device`: `roi_chunk_size`, or the automatic size when that is None."""
+        if self.roi_chunk_size is not None:
+            return self.roi_chunk_size
+        if device.type != "cpu":
+            return DEVICE_ROI_CHUNK
+        widest = max(module.out_channels for module in self.res5.modules() if isinstance(module, nn.Conv2d))
+        side = self.pooler.output_size  # res5 keeps the crop's side (the VG model) or halves it
+        bytes_per_roi = widest * side * side * torch.empty((), dtype=self.dtype).element_size()
+        return max(1, CPU_ACTIVATION_BYTES // bytes_per_roi)
 
     def _res5_mean(self, crops: torch.Tensor) -> torch.Tensor:
         """res5 of (N, C, 14, 14) crops, averaged over space in float32: (N, D)."""
