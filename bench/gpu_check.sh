@@ -6,7 +6,8 @@
 #
 # 1. parity: the detector on CUDA vs the golden data and vs CPU, batch invariance, bf16 head agreement
 #    (tests/test_detector_gpu.py; needs the golden folder: ../shared/golden or $LXMERT_PL_SHARED/golden);
-# 2. detector img/s at full size (600x800), batch 1 and 8, fp32 and bf16 (bench/extract_speed.py --device cuda);
+# 2. RoIMaxPool vs torchvision's CUDA roi_pool (bench/roi_pool_speed.py: speed, bit-identity);
+#    detector img/s at full size (600x800), batch 1 and 8, fp32 and bf16 (bench/extract_speed.py --device cuda);
 # 3. the model scoring benchmarks on cuda (bench/model_throughput.py, bench/bf16_speed.py).
 # Every step has its own time limit; a failing step is reported and the others still run. Logs go to $OUT (the
 # device runner's output folder) or outputs/gpu_check.
@@ -38,6 +39,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 step parity 180 python -m pytest -q -rs tests/test_detector_gpu.py tests/test_detector_speed.py
+step roi_pool 60 python bench/roi_pool_speed.py --device cuda
 port_args=()
 if [ -n "${PORT_DIR:-}" ]; then port_args=(--port-dir "$PORT_DIR"); fi
 step detector_speed 300 python bench/extract_speed.py --device cuda --rounds 3 --batch-sizes 1 8 \

@@ -81,3 +81,16 @@ def test_no_boxes_and_bad_shapes():
         pool(feature_map, torch.zeros(1, 5))
     with pytest.raises(ValueError, match="output_size"):
         RoIMaxPool(0, spatial_scale=1.0)
+
+
+def test_bench_script_runs_and_checks_bit_identity():
+    """bench/roi_pool_speed.py at a few RoIs: it exits non-zero if the two poolings ever differ."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "roi_pool_speed.py"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "1", "--rois", "20", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "bit-identical to torchvision: fp32 True, bf16 (= fp32 rounded) True" in done.stdout
