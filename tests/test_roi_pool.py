@@ -62,7 +62,8 @@ def test_pooling_to_bfloat16_equals_pooling_then_casting():
     assert crops.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(crops, reference(feature_map, boxes, 14, 1.0 / 16).bfloat16())
     # a bfloat16 map (under autocast) is pooled as its float32 values
-    assert torch.equal(pool(feature_map.bfloat16(), boxes), reference(feature_map.bfloat16().float(), boxes, 14, 1 / 16))
+    rounded = feature_map.bfloat16()
+    assert torch.equal(pool(rounded, boxes), reference(rounded.float(), boxes, 14, 1.0 / 16))
 
 
 def test_cells_round_half_away_from_zero_like_the_kernel():

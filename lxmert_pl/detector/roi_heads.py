@@ -1,4 +1,4 @@
-"""RoI head: RoI max pooling 14x14 on res4 -> res5 (dilated, stride 1) -> spatial mean -> class and attribute predictors.
+"""RoI head: RoI max pool 14x14 on res4 -> res5 (dilated, stride 1) -> spatial mean -> class and attribute predictors.
 
 SPEC.md §4. Pooling is per image (each image keeps its own unpadded res4 map); res5 and the predictors then run on
 the crops of all images at once, which is where nearly all the compute goes (92% of the full model's FLOPs at
