@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,6 +14,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("LXMERT_PL_SHARED", REPO_ROOT.parent / "shared"))
 GOLDEN_DIR = SHARED_DIR / "golden"
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """Import a script of the repository (an entry point such as `extract.py`, a bench or data script) as a module,
+    registered in `sys.modules` (dataclasses defined in a script need that), under `name` or its file stem."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def golden_path(*parts: str) -> Path:

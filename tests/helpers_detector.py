@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lxmert_pl.detector import load_detector, read_image
+from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36, load_detector, read_image
 
 NAMES = ("astronaut", "coffee")
 OUTPUTS = {"port": "tiny_outputs.npz", "caffe": "tiny_caffe_outputs.npz"}
+# The box selections the golden data holds rows for (img{i}_fixed36_*, img{i}_adaptive_*).
+SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
 
 
 @functools.lru_cache(maxsize=2)

@@ -8,11 +8,12 @@ handler runs), as an out-of-memory kill or a pre-empted node would end it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
 from pathlib import Path
+
+from conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the repository's lxmert_pl
@@ -35,10 +36,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     retrieval.ShardStore.write_block = write_then_maybe_die
-    spec = importlib.util.spec_from_file_location("eval_entry_point", REPO_ROOT / "eval.py")
-    entry_point = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry_point)
-    sys.exit(entry_point.main(argv))
+    sys.exit(load_script(REPO_ROOT / "eval.py", "eval_entry_point").main(argv))
 
 
 if __name__ == "__main__":

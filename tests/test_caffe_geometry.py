@@ -10,7 +10,6 @@ probabilities and confidences <= 2e-5; logits and pooled features <= 1e-4; rois 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -18,10 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_detector import NAMES, check_golden_row, run_tiny_golden
+from helpers_detector import NAMES, SELECTIONS, check_golden_row, run_tiny_golden
 from lxmert_pl.detector import (
-    ADAPTIVE_10_100,
-    OBJ36,
     CaffeAnchorGenerator,
     CaffeProposalLayer,
     CheckpointError,
@@ -42,12 +39,11 @@ from lxmert_pl.detector.random_weights import TINY_CONFIG
 from lxmert_pl.features.tsv import iter_tsv_features
 from lxmert_pl.registry import load_registry, resolve_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
+from conftest import load_script
 
-_spec = importlib.util.spec_from_file_location("extract", REPO_ROOT / "extract.py")
-extract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+extract = load_script(REPO_ROOT / "extract.py")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

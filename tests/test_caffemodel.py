@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lxmert_pl.detector import OBJ36, CheckpointError, load_detector
+from lxmert_pl.detector import CheckpointError, load_detector
 from lxmert_pl.detector.caffe_proto import NetParameter
 from lxmert_pl.detector.caffemodel import (
     CAFFE_RESNET101,
@@ -26,13 +26,13 @@ from lxmert_pl.detector.caffemodel import (
 )
 from lxmert_pl.detector.loading import port_key, read_state_dict
 from lxmert_pl.detector.preprocess import read_image
-from lxmert_pl.detector.selection import ADAPTIVE_10_100, select_boxes
+from lxmert_pl.detector.selection import select_boxes
 from lxmert_pl.registry import CheckpointUnavailableError, load_registry, resolve_checkpoint
 
 from conftest import golden_path
+from helpers_detector import SELECTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

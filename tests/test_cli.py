@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,14 +11,13 @@ from lxmert_pl.errors import ConfigError, UserInputError
 from lxmert_pl.registry import ResolvedCheckpoint
 from lxmert_pl.runs.errors import user_errors
 
+from conftest import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def entry_point(name: str):
-    spec = importlib.util.spec_from_file_location(f"entry_{name}", REPO_ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / f"{name}.py", f"entry_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def test_boxes_outside_the_image_name_the_img_id(tmp_path, tokenizer):
     pairs = [Pair(0, 0, "fine", "ok", 1), Pair(1, 1, "wide", "too wide", 1)]
     dataset = MatchingDataset(pairs, open_feature_source(tmp_path / "f.tsv"), tokenizer)
     dataset[0]
-    with pytest.raises(FeatureFileError, match=rf"f.tsv:2 \(img_id 'wide'\): box 0 .* leaves the image"):
+    with pytest.raises(FeatureFileError, match=r"f.tsv:2 \(img_id 'wide'\): box 0 .* leaves the image"):
         dataset[1]
 
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_detector import check_golden_row, run_tiny_golden
-from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36
+from helpers_detector import SELECTIONS, check_golden_row, run_tiny_golden
+from lxmert_pl.detector import OBJ36
 
-SELECTIONS = {"fixed36": OBJ36, "adaptive": ADAPTIVE_10_100}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

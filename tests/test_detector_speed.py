@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 from pathlib import Path
 
 import cv2
@@ -22,6 +21,8 @@ from lxmert_pl.detector.agreement import region_agreement
 from lxmert_pl.detector.backbone import Bottleneck, FrozenBatchNorm2d, fuse_conv_bn
 from lxmert_pl.detector.random_weights import synthetic_image
 from lxmert_pl.errors import ConfigError
+
+from conftest import load_script
 
 NAMES = ("astronaut", "coffee")
 
@@ -198,10 +199,7 @@ def test_unknown_precision_is_a_config_error(golden):
 
 
 def test_extract_cli_precision_bf16(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("extract_cli", root / "extract.py")
-    extract = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(extract)
+    extract = load_script(Path(__file__).resolve().parents[1] / "extract.py", "extract_cli")
     detector = save_tiny_detector(tmp_path / "det", seed=0, min_size_test=96, max_size_test=160)
     images = tmp_path / "images"
     images.mkdir()

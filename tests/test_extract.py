@@ -3,7 +3,6 @@ ImageFolderFeatureSource, on a tiny random detector and small synthetic images."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -51,12 +50,12 @@ from lxmert_pl.features import (
 )
 from lxmert_pl.features.provenance import sha256_of_file
 
+from conftest import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f"img_{k}" for k in range(6)]
 
-_spec = importlib.util.spec_from_file_location("extract", REPO_ROOT / "extract.py")
-extract = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract)
+extract = load_script(REPO_ROOT / "extract.py")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

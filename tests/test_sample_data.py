@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import conftest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_sample_data.py"
 COUNTS = {"train": 8, "val": 3, "test": 1}  # a one-image split has no other image to take a negative from
 SPLITS = tuple(COUNTS)
@@ -21,11 +21,7 @@ SPLITS = tuple(COUNTS)
 
 def load_script() -> ModuleType:
     """Import the script as a module (registered in sys.modules, as its dataclasses need)."""
-    spec = importlib.util.spec_from_file_location("make_sample_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(SCRIPT, "make_sample_data")
 
 
 GEN = load_script()
