@@ -99,7 +99,7 @@ def crop_labels(split: str) -> tuple[list[str], list[np.ndarray], list[np.ndarra
 def pooled_features(model, blob: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """The detector's pooled RoI features (the TSV's features) of given boxes (network pixels), with gradients."""
     features = model.backbone(blob.unsqueeze(0))
-    crops = model.roi_head.pool(features, boxes)
+    crops = model.roi_head.pool(features, boxes).contiguous()  # NCHW, as the model's convs (see stage_detector)
     return model.roi_head.res5(crops).mean(dim=[2, 3])
 
 
@@ -131,7 +131,9 @@ def stage_detector(args: argparse.Namespace) -> None:
     out = DEMO / "frcnn"
     save_tiny_detector(out, seed=0, res2_out_channels=args.dim // 8, **DETECTOR_OVERRIDES)
     cfg = FrcnnConfig.from_yaml(out / CONFIG_NAME)
-    model, _ = load_detector(out, fuse_batchnorm=False)  # trained below: keep its BatchNorms
+    # Trained below: keep its BatchNorms, and NCHW convs (the CPU backward of NHWC ones corrupts memory in PyTorch
+    # 2.14: lxmert_pl.detector.backbone.refuse_cpu_channels_last_training). The saved weights are layout-free.
+    model, _ = load_detector(out, fuse_batchnorm=False, channels_last=False)
     ids, boxes, labels = crop_labels("train")
     # Preprocess once (the network input of every train image and its boxes in network pixels).
     inputs = []
@@ -180,9 +182,7 @@ def stage_detector(args: argparse.Namespace) -> None:
         log(f"detector pre-training epoch {epoch + 1}/{args.det_epochs}: loss {loss_sum / count:.3f}, train acc "
             f"colour {correct[0] / count:.3f} shape {correct[1] / count:.3f} size {correct[2] / count:.3f} "
             f"({time.perf_counter() - start_time:.0f} s)")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.eval().requires_grad_(False)
     state = export_port_state_dict(model, cfg)
     for old in out.glob("*"):
         if old.name != CONFIG_NAME:

@@ -15,6 +15,30 @@ from torchvision.models.resnet import conv1x1, conv3x3
 from .config import FrcnnConfig
 
 
+class ChannelsLastTrainingError(RuntimeError):
+    """A backward pass was about to run through NHWC convolutions on the CPU
+    (see `refuse_cpu_channels_last_training`)."""
+
+
+def refuse_cpu_channels_last_training(module: nn.Module, x: torch.Tensor) -> None:
+    """Raise `ChannelsLastTrainingError` when `module`'s NHWC convs on the CPU would be differentiated.
+
+    PyTorch 2.14's oneDNN backward of a channels-last 1x1 stride-2 convolution with few channels (4->8, 8->16)
+    writes outside its buffers for some input sizes (64x86, for one): glibc then aborts with "corrupted
+    double-linked list" or the process segfaults, later and elsewhere. Inference never takes that path (it has no
+    backward), so the detector stays NHWC by default and refuses to be trained that way; to train it, load it with
+    `channels_last=False` (NCHW convs: no such fault seen). Checked only while autograd records on the CPU.
+    """
+    if x.device.type != "cpu" or not torch.is_grad_enabled():
+        return
+    if x.requires_grad or any(p.requires_grad for p in module.parameters()):
+        raise ChannelsLastTrainingError(
+            f"{type(module).__name__} runs channels-last (NHWC) convolutions, whose CPU backward corrupts memory in "
+            "this PyTorch (oneDNN); to train or differentiate the detector on the CPU, load it with "
+            "channels_last=False, or run it under torch.inference_mode() / with frozen parameters"
+        )
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics: `weight * (x - running_mean) / sqrt(running_var + eps) + bias`.
 
@@ -46,7 +70,8 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     computed in float64 and rounded once to the conv's dtype. Not bit-identical to conv + BN (the rounding moves),
     but well inside the golden tolerances (README of ../shared/golden/frcnn: a BN-folded network differs by
     proposals 2e-3 px, pooled features 2e-5, with every selection identical); the golden parity tests run on the
-    folded network. Returns a new conv in the memory format and on the device of `conv`; `bn` is not changed.
+    folded network. Returns a new conv in the memory format, on the device and with the `requires_grad` of `conv`;
+    `bn` is not changed.
     `bn` may already be an `nn.Identity` (folded before): then `conv` is returned as is.
     """
     if isinstance(bn, nn.Identity):
@@ -71,7 +96,7 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
         fused.weight.copy_(weight)  # the conv's dtype, contiguous; memory format below
         fused.bias.copy_(((bias - bn.running_mean.double()) * scale + bn.bias.double()).to(conv.weight.dtype))
     channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
-    fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype).requires_grad_(conv.weight.requires_grad)
     return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
@@ -232,6 +257,7 @@ class ResNetC4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
+            refuse_cpu_channels_last_training(self, x)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.res4(self.res3(self.res2(self.stem(x)))).contiguous()
 

@@ -291,11 +291,13 @@ def build_detector(
     cfg: FrcnnConfig, roi_chunk_size: int | None = None, geometry: str = DEFAULT_GEOMETRY, channels_last: bool = True
 ) -> BottomUpFasterRCNN:
     """The detector with the config's sizes and test-time settings, in eval mode, float32, BatchNorms not folded
-    (random weights: see `loading.load_detector` for the checkpoint, which also folds them).
+    (random weights: see `loading.load_detector` for the checkpoint, which also folds them), parameters frozen
+    (`requires_grad=False`: built for inference; a training script unfreezes what it trains).
 
     `geometry`: "port" (the HF port's proposal layer and float32 means) or "caffe" (the original proposal layer on
     the same RPN head, and caffe's float64 means); see `geometry.py`. Raises `UnknownGeometryError` otherwise.
     `channels_last`: the backbone and res5 compute on NHWC tensors (faster; same results within float rounding).
+    On the CPU such a detector refuses to be trained (`backbone.refuse_cpu_channels_last_training`).
     """
     caffe = check_geometry(geometry) == CAFFE
     transform = CaffePreprocess(
@@ -338,7 +340,8 @@ def build_detector(
         channels_last=channels_last,
     )
     backbone = build_backbone(cfg, channels_last=channels_last)
-    return BottomUpFasterRCNN(transform, backbone, rpn, roi_head, background_first=False).eval()
+    model = BottomUpFasterRCNN(transform, backbone, rpn, roi_head, background_first=False).eval()
+    return model.requires_grad_(False)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .backbone import make_stage
+from .backbone import make_stage, refuse_cpu_channels_last_training
 from .roi_pool import RoIMaxPool
 
 # On CPU, res5 runs on as many RoIs at once as keep its widest activation within this many bytes (module doc).
@@ -172,6 +172,8 @@ class Res5RoIHead(nn.Module):
 
     def _res5_mean(self, crops: torch.Tensor) -> torch.Tensor:
         """res5 of (N, C, 14, 14) crops, averaged over space in float32: (N, D)."""
+        if self.channels_last:
+            refuse_cpu_channels_last_training(self.res5, crops)
         x = crops.to(dtype=self.dtype, memory_format=self.memory_format)
         return self.res5(x).mean(dim=[2, 3], dtype=torch.float32)
 
