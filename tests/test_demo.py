@@ -85,3 +85,15 @@ def test_two_step_matches_one_step(one_step, tmp_path):
     worst = max(abs(two_scores[q] - scores[q]) for q in scores)
     assert worst <= 1e-4, f"two-step scores differ from one-step by up to {worst:.2e}"
     assert two_metrics["accuracy"] == metrics["accuracy"]
+
+
+def test_one_step_with_the_bf16_detector_head(one_step, tmp_path):
+    """`detector.precision=bf16` (configs/shared/detector.yaml) on the one-step path: the in-memory detector's
+    weights are fingerprinted for the feature cache in bf16 too, and the scores stay those of the fp32 head."""
+    _, metrics, scores = one_step
+    proc = run_eval("detector.precision=bf16", "--out", str(tmp_path / "bf16"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bf16_metrics, bf16_scores = read_run(tmp_path / "bf16")
+    assert bf16_scores.keys() == scores.keys()
+    assert bf16_metrics["accuracy"] >= TARGET_ACCURACY, bf16_metrics
+    assert max(abs(bf16_scores[q] - scores[q]) for q in scores) < 0.05

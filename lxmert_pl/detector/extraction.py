@@ -132,11 +132,12 @@ def boxes_digest(boxes: np.ndarray | dict[str, np.ndarray]) -> str:
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer (names included): identifies weights loaded in memory."""
+    """sha256 of every parameter and buffer (names included): identifies weights loaded in memory. Hashes the raw
+    bytes, so any dtype works (numpy has no bfloat16: the bf16 RoI head)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
