@@ -390,3 +390,14 @@ def test_probe_of_a_caffemodel_says_to_convert_first(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["probe", "--detector", str(_files()[0]), "--images", str(tmp_path)])
     assert exit_info.value.code == 2 and "convert it first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_caffemodel_honours_the_memory_format(channels_last):
+    """`load_detector(x.caffemodel, channels_last=False)` gives NCHW convs, as for port-format weights (the layout
+    a CPU fine-tuning needs: `ChannelsLastTrainingError`)."""
+    caffemodel, config = _files()
+    model, _ = load_detector(caffemodel, config=config, channels_last=channels_last)
+    for conv in (model.backbone.res3[0].conv2, model.roi_head.res5[0].conv2):  # 3x3: a 1x1 is both layouts
+        nhwc = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        assert nhwc == channels_last

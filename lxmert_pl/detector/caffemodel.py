@@ -441,14 +441,17 @@ def check_caffemodel_geometry(path: str | Path, geometry: str) -> None:
 
 
 def read_caffemodel_state(
-    path: str | Path, config: str | Path | None = None, roi_chunk_size: int | None = None
+    path: str | Path,
+    config: str | Path | None = None,
+    roi_chunk_size: int | None = None,
+    channels_last: bool = True,
 ) -> tuple[BottomUpFasterRCNN, dict[str, torch.Tensor], CaffeLoadReport]:
     """(model with the caffemodel's weights loaded, the full port-layout state dict incl. `bbox_pred` and the port's
-    `cell_anchors`, report). The model runs the `caffe` geometry."""
+    `cell_anchors`, report). The model runs the `caffe` geometry; `channels_last` as in `build_detector`."""
     path = Path(path)
     cfg = FrcnnConfig.from_yaml(config) if config is not None else CAFFE_RESNET101
     net = read_caffemodel(path)
-    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=CAFFE)
+    model = build_detector(cfg, roi_chunk_size=roi_chunk_size, geometry=CAFFE, channels_last=channels_last)
     targets = {port_key(key): tuple(value.shape) for key, value in model.state_dict().items()}
     report = CaffeLoadReport(
         config_path=Path(config) if config is not None else None,  # type: ignore[arg-type]
@@ -474,12 +477,13 @@ def load_caffemodel(
     device: str | torch.device = "cpu",
     roi_chunk_size: int | None = None,
     geometry: str = CAFFE,
+    channels_last: bool = True,
 ) -> tuple[BottomUpFasterRCNN, CaffeLoadReport]:
     """Build the detector (the `CAFFE_RESNET101` preset, or `config`, a port-format config.yaml) with the `caffe`
-    geometry and load a `.caffemodel` into it. Raises `CheckpointError` naming the file or the layers that do not fit,
+    geometry and load a `.caffemodel` into it (`channels_last` as in `build_detector`). Raises `CheckpointError` naming the file or the layers that do not fit,
     `CaffemodelGeometryError` for another geometry."""
     check_caffemodel_geometry(path, geometry)
-    model, _, report = read_caffemodel_state(path, config, roi_chunk_size)
+    model, _, report = read_caffemodel_state(path, config, roi_chunk_size, channels_last=channels_last)
     return model.to(device), report
 
 

@@ -215,7 +215,8 @@ def load_detector(
         from .caffemodel import load_caffemodel
 
         model, caffe_report = load_caffemodel(
-            weights_path, config_path, roi_chunk_size=roi_chunk_size, geometry=geometry or CAFFE
+            weights_path, config_path, roi_chunk_size=roi_chunk_size, geometry=geometry or CAFFE,
+            channels_last=channels_last,
         )
         if fuse_batchnorm:
             model.fuse_batchnorm()
