@@ -124,11 +124,24 @@ def _fails(capsys, argv) -> str:
     (("optim.lr=1e-3",), "optim.lr=5e-05 in the checkpoint, 0.001 now"),
     (("optim.accumulate=2",), "optim.accumulate=1 in the checkpoint, 2 now"),
     (("seed=1",), "seed=0 in the checkpoint, 1 now"),
+    (("--num-nodes", "2"), "trainer.num_nodes=1 in the checkpoint, 2 now"),  # processes shard the batches
 ])
 def test_resume_refuses_a_changed_setting(task, one_epoch, tmp_path, capsys, change, named):
     err = _fails(capsys, _args(task, tmp_path, "--val", task["pairs"], "--max-epochs", "2", *change,
                                "--resume", one_epoch / "checkpoints" / "last.ckpt"))
     assert named in err and "--ckpt" in err
+
+
+def test_a_record_from_before_num_nodes_was_recorded_resumes_on_one_node(task, one_epoch):
+    from lxmert_pl.runs.checkpointing import check_resume, read_resume_point
+
+    point = read_resume_point(one_epoch / "checkpoints" / "last.ckpt")
+    now = {**point.record, "max_epochs": point.record["max_epochs"] + 1}
+    older = {**point.record, "settings": {k: v for k, v in point.record["settings"].items() if k != "trainer.num_nodes"}}
+    assert check_resume(type(point)(point.path, point.epochs_done, point.global_step, older), now)  # a note, no error
+    two_nodes = {**now, "settings": {**now["settings"], "trainer.num_nodes": 2}}
+    with pytest.raises(Exception, match="trainer.num_nodes=1 in the checkpoint, 2 now"):
+        check_resume(type(point)(point.path, point.epochs_done, point.global_step, older), two_nodes)
 
 
 def test_resume_refuses_changed_training_data(task, one_epoch, tmp_path, capsys):

@@ -38,8 +38,10 @@ TRAJECTORY_SETTINGS = (
     "seed", "data.batch_size", "data.negative_ratio", "data.max_seq_length", "data.skip_missing",
     "model.finetune", "model.top_k_cross",
     "optim.lr", "optim.weight_decay", "optim.warmup_ratio", "optim.grad_clip", "optim.accumulate",
-    "trainer.precision", "trainer.devices", "trainer.early_stopping_patience",
+    "trainer.precision", "trainer.devices", "trainer.num_nodes", "trainer.early_stopping_patience",
 )
+# Settings recorded since a later train.py, with the value every run had before: an older record lacks them.
+RECORDED_LATER = {"trainer.num_nodes": 1}
 # Data files: pair files by content (sha256), feature files/stores by name and size (they can be large).
 DATA_SETTINGS = ("data.train", "data.val", "data.features")
 
@@ -114,8 +116,9 @@ def check_resume(point: ResumePoint, record: dict[str, Any]) -> list[str]:
         saved = {"settings": record["settings"], "max_epochs": record["max_epochs"], "max_steps": record["max_steps"]}
     else:
         saved = point.record
-    changed = [f"{key}={_shown(saved['settings'].get(key))} in the checkpoint, {_shown(value)} now"
-               for key, value in record["settings"].items() if saved["settings"].get(key) != value]
+    saved_settings = {**RECORDED_LATER, **saved["settings"]}
+    changed = [f"{key}={_shown(saved_settings.get(key))} in the checkpoint, {_shown(value)} now"
+               for key, value in record["settings"].items() if saved_settings.get(key) != value]
     if changed:
         raise UserInputError(
             f"--resume {point.path}: the resumed run must use the checkpoint's settings and data, but "
