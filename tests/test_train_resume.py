@@ -137,7 +137,8 @@ def test_a_record_from_before_num_nodes_was_recorded_resumes_on_one_node(task, o
 
     point = read_resume_point(one_epoch / "checkpoints" / "last.ckpt")
     now = {**point.record, "max_epochs": point.record["max_epochs"] + 1}
-    older = {**point.record, "settings": {k: v for k, v in point.record["settings"].items() if k != "trainer.num_nodes"}}
+    settings = {k: v for k, v in point.record["settings"].items() if k != "trainer.num_nodes"}
+    older = {**point.record, "settings": settings}
     assert check_resume(type(point)(point.path, point.epochs_done, point.global_step, older), now)  # a note, no error
     two_nodes = {**now, "settings": {**now["settings"], "trainer.num_nodes": 2}}
     with pytest.raises(Exception, match="trainer.num_nodes=1 in the checkpoint, 2 now"):
