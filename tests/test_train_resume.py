@@ -49,9 +49,13 @@ def _run(*args, crash: tuple[str, str] | None = None) -> subprocess.CompletedPro
                           timeout=600)
 
 
-def _losses(out) -> dict[int, float]:
+def _loss_rows(out) -> list[tuple[int, float]]:
     with open(out / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _losses(out) -> dict[int, float]:
+    return dict(_loss_rows(out))
 
 
 def _last(out) -> dict:
@@ -85,6 +89,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(task, tmp_path, crash
     crashed = _run(*args, crash=crash)
     assert crashed.returncode == (-signal.SIGKILL if crash[1] == "kill" else 1), crashed.stderr[-3000:]
     assert _last(tmp_path / "run")["global_step"] == resume_step
+    logged_before = {step: loss for step, loss in _loss_rows(tmp_path / "run") if step < resume_step}
     resumed = _run(*args, "--resume", tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best.ckpt" not in resumed.stdout  # no --val: no best.ckpt, and none announced
@@ -93,7 +98,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(task, tmp_path, crash
     assert final["global_step"] == whole_ckpt["global_step"]
     for key, value in whole_ckpt["state_dict"].items():
         assert torch.allclose(final["state_dict"][key], value, rtol=0, atol=1e-6), key
-    losses = _losses(tmp_path / "run")
+    rows = _loss_rows(tmp_path / "run")
+    losses = dict(rows)
+    assert len(rows) == len(losses), "a step logged twice"
+    assert logged_before.items() <= losses.items()  # the interrupted run's rows are kept, not deleted by the resume
     assert set(range(resume_step, whole_ckpt["global_step"])) <= set(losses)
     for step, loss in losses.items():
         assert loss == pytest.approx(whole_losses[step], abs=1e-6), step

@@ -79,6 +79,7 @@ class ResumePoint:
     epochs_done: int
     global_step: int
     record: dict[str, Any] | None
+    logged_step: int | None = None  # the loggers' step at the checkpoint (rows logged before it belong to the run)
 
 
 def read_resume_point(path: str | Path) -> ResumePoint:
@@ -98,8 +99,11 @@ def read_resume_point(path: str | Path) -> ResumePoint:
         raise CheckpointError(
             f"--resume {path}: the file holds weights only (no optimizer, schedule and loop state), so it cannot "
             f"be resumed; use --ckpt {path} to start a new run from these weights")
-    epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
-    return ResumePoint(path, int(epochs["processed"]), int(ckpt.get("global_step", 0)), ckpt.get(RUN_RECORD_KEY))
+    fit_loop = ckpt["loops"]["fit_loop"]
+    epochs = fit_loop["epoch_progress"]["current"]
+    global_step = int(ckpt.get("global_step", 0))
+    logged_step = fit_loop.get("epoch_loop.state_dict", {}).get("_batches_that_stepped", global_step)
+    return ResumePoint(path, int(epochs["processed"]), global_step, ckpt.get(RUN_RECORD_KEY), int(logged_step))
 
 
 def _shown(value: Any) -> str:

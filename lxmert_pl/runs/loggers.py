@@ -8,6 +8,7 @@ it cannot be reached the run logs offline and says so, instead of waiting ~100 s
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import socket
@@ -18,8 +19,10 @@ from typing import Any
 
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.fileio import atomic_writer
 
 
 def wandb_has_credentials() -> bool:
@@ -54,10 +57,17 @@ def wandb_server_reachable(timeout: float = WANDB_PROBE_TIMEOUT_S) -> tuple[bool
         return False, f"{host}:{port} ({err.strerror or err})"
 
 
-def build_loggers(logger_cfg: Any, out_dir: Path, name: str, config: dict) -> list[Logger]:
+def build_loggers(
+    logger_cfg: Any, out_dir: Path, name: str, config: dict, resumed_at_step: int | None = None
+) -> list[Logger]:
+    """CSV (unless `logger.csv: false`) and wandb loggers. `resumed_at_step`: the logging step of the checkpoint a
+    resumed run continues from; the CSV rows the interrupted run logged before it are kept (`keep_rows_before`)."""
     loggers: list[Logger] = []
     if logger_cfg.get("csv", True):
-        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+        csv_logger = CSVLogger(save_dir=str(out_dir), name="csv", version="")
+        if resumed_at_step is not None:
+            keep_rows_before(csv_logger, resumed_at_step)
+        loggers.append(csv_logger)
     wandb_cfg = logger_cfg.get("wandb") or {}
     if wandb_cfg.get("project"):
         mode = wandb_mode(wandb_cfg.get("mode", "auto"))
@@ -73,6 +83,33 @@ def build_loggers(logger_cfg: Any, out_dir: Path, name: str, config: dict) -> li
             loggers.append(WandbLogger(project=wandb_cfg.project, entity=wandb_cfg.get("entity"), name=name,
                                        save_dir=str(out_dir), mode=mode, config=config))
     return loggers
+
+
+@rank_zero_only
+def keep_rows_before(logger: CSVLogger, step: int) -> None:
+    """Keep the rows of an existing `metrics.csv` logged before `step`, drop the later ones (their steps are trained
+    and logged again by the resumed run), and have `logger` append to them.
+
+    Lightning's CSV writer deletes a `metrics.csv` it finds when it starts, which lost every row of the interrupted
+    run on `--resume`. The file is moved aside first (never absent while its rows exist only in memory), the kept
+    rows are written back under the same header, and then the aside copy is removed.
+    """
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        kept = [row for row in reader if row.get("step") and int(float(row["step"])) < step]
+    aside = path.with_name(path.name + ".before-resume")
+    os.replace(path, aside)
+    writer = logger.experiment  # created now, with no metrics.csv to delete
+    with atomic_writer(path, "w", encoding="utf-8") as handle:
+        rows = csv.DictWriter(handle, fieldnames=header, lineterminator="\r\n")
+        rows.writeheader()
+        rows.writerows(kept)
+    writer.metrics_keys = header  # the header on disk: later rows are appended under it
+    aside.unlink()
 
 
 def wandb_logger(loggers: list[Logger]) -> WandbLogger | None:

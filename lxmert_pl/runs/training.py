@@ -114,9 +114,10 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     check_run_length(cfg)
     record = run_record(cfg)
     notes: list[str] = []
+    resume_point = None
     if cfg.resume:
-        resume_path = resolve_checkpoint(str(cfg.resume)).path
-        notes = check_resume(read_resume_point(resume_path), record)
+        resume_point = read_resume_point(resolve_checkpoint(str(cfg.resume)).path)
+        notes = check_resume(resume_point, record)
     name = str(cfg.name or f"train_{Path(train_file).stem}")
     out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
     checkpoint_dir = out_dir / "checkpoints"
@@ -160,7 +161,8 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
             early_stopping = EarlyStopping(monitor=MONITOR, mode="max",
                                            patience=int(cfg.trainer.early_stopping_patience))
             run_callbacks.append(early_stopping)
-    loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
+    loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True),
+                            resumed_at_step=resume_point.logged_step if resume_point else None)
     trainer = build_trainer(cfg, loggers, [*run_callbacks, *callbacks], out_dir)
     OmegaConf.save(cfg, out_dir / "config.yaml")
     try:
