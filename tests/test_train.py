@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from e2e_helpers import run_script, write_shape_task
 
 from lxmert_pl.data.dataset import MatchingDataset
@@ -51,6 +52,20 @@ def test_resume_mid_epoch_continues_exactly(task, tmp_path):
     for step in range(7, 13):
         assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
     assert _losses(tmp_path / "a") == {s: whole[s] for s in range(7)}
+
+
+def test_feature_globs_are_expanded_and_recorded_as_files(task, tmp_path):
+    """`--features` takes globs (as eval.py does): the run records the matched files, so a resume with the same
+    pattern passes the data check."""
+    pattern = str(task["tsv"].parent / ("*" + task["tsv"].suffix))
+    proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", pattern,
+                      "--batch-size", "8", "--out", tmp_path / "g", "trainer.max_steps=2", "trainer.accelerator=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert OmegaConf.load(tmp_path / "g" / "config.yaml").data.features == [str(task["tsv"])]
+    proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", pattern,
+                      "--batch-size", "8", "--out", tmp_path / "g", "trainer.max_steps=3", "trainer.accelerator=cpu",
+                      "--resume", tmp_path / "g" / "checkpoints" / "last.ckpt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMon
 
 from lxmert_pl.data.train_datamodule import TrainingDataModule
 from lxmert_pl.errors import InterruptedRunError, LxmertPlError, UserInputError
-from lxmert_pl.features.sources import open_feature_source
+from lxmert_pl.features.sources import expand_feature_paths, open_feature_source
 from lxmert_pl.export import TrainingSummary, card_for_checkpoint, write_model_card
 from lxmert_pl.export.model_card import describe_checkpoint
 from lxmert_pl.model.loading import load_lxmert
@@ -110,7 +110,10 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     val_file = _require(data.val, "validation pairs (--val)") if data.val else None
     if not data.features:
         raise UserInputError("no feature files: pass --features TSV_OR_STORE")
-    features = [_require(p, "feature file") for p in data.features]
+    # Globs expanded once (a pattern matching nothing is an error): the run record's fingerprints, config.yaml and
+    # the datamodule all name the files.
+    features = [_require(str(p), "feature file") for p in expand_feature_paths(list(data.features))]
+    data.features = features
     check_run_length(cfg)
     record = run_record(cfg)
     notes: list[str] = []
