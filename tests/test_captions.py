@@ -79,3 +79,16 @@ def test_pair_file_matched_pairs_are_the_captions(tmp_path):
     assert got.sentences == ["a cat", "a bus"] and got.caption_image == [0, 1]
     dropped = got.without_images({"a"})
     assert dropped.img_ids == ["b", "c"] and dropped.sentences == ["a bus"] and dropped.caption_image == [0]
+
+
+def test_json_lines_pair_file_under_a_json_suffix(tmp_path):
+    """Any file `load_pairs` reads is a caption set: JSON Lines named .json too (it is not one JSON document)."""
+    rows = [{"img_id": "a", "sent": "a cat", "ground": "True"}, {"img_id": "b", "sent": "a bus", "ground": "True"}]
+    path = tmp_path / "pairs.json"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    got = read_captions(path)
+    assert got.img_ids == ["a", "b"] and got.sentences == ["a cat", "a bus"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(rows[0]) + "\n" + '{"img_id": "b", "sent": \n', encoding="utf-8")
+    with pytest.raises(PairFileError, match=rf"{broken}:2:\d+: invalid JSON"):
+        read_captions(broken)

@@ -331,8 +331,8 @@ def read_captions(
     if first_char == "{" and path.suffix.lower() not in _JSON_LINES_SUFFIXES:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PairFileError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+        except json.JSONDecodeError:
+            data = None  # JSON Lines under another suffix (or broken JSON): the pair reader below names the line
         if isinstance(data, dict) and "images" in data:
             return _karpathy_captions(path, data, split, skip_blank, builder)
     if split is not None:
