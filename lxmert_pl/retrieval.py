@@ -34,7 +34,7 @@ from lxmert_pl.errors import UserInputError
 from lxmert_pl.metrics import grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel, MatchingOutput
 from lxmert_pl.model.lxrt import EncodedImage, EncodedText, attention_bias
-from lxmert_pl.scoring import SCORE_MODES, forward_pairs, pad_boxes, precision_dtype
+from lxmert_pl.scoring import SCORE_MODES, check_feature_width, forward_pairs, pad_boxes, precision_dtype
 from lxmert_pl.tokenizer import LxmertTokenizer
 
 DEFAULT_BATCH_SIZE = 64
@@ -85,6 +85,7 @@ class EncodingCache:
         for start in range(0, len(todo), self.batch_size):
             part = todo[start : start + self.batch_size]
             feats, box, mask = (t.to(self.device) for t in pad_boxes([f for _, f, _ in part], [b for _, _, b in part]))
+            check_feature_width(self.model, feats, f"image #{part[0][0]}")
             image = self.model.bert.encode_image(feats, box, mask)
             for row, (i, f, _) in enumerate(part):
                 self._image[i] = image.hidden[row, : len(f)]
@@ -339,6 +340,7 @@ class Retriever:
             captions = caption_index[start : start + self.batch_size].tolist()
             batch = {k: v.to(device) for k, v in self.tokenizer([sentences[j] for j in captions]).items()}
             feats, box, mask = pad_boxes([features[i] for i in images], [boxes[i] for i in images])
+            check_feature_width(self.model, feats, f"image #{images[0]}")
             batch.update(features=feats.to(device), boxes=box.to(device), box_mask=mask.to(device))
             scores.append(pick_score(forward_pairs(self.model, batch), self.mode))
         return torch.cat(scores) if scores else torch.empty(0)

@@ -115,7 +115,7 @@ def forward_batch(model: LxmertMatchingModel, batch: dict, factorize: str = "aut
     """Pairwise or factorized forward. `factorize`: "auto" (when a sentence or image repeats), "always", "never"."""
     if factorize not in ("auto", "always", "never"):
         raise UserInputError(f"factorize must be auto|always|never, got {factorize!r}")
-    check_feature_width(model, batch)
+    check_feature_width(model, batch["features"], batch["img_id"][0] if batch.get("img_id") else "?")
     if factorize == "never":
         return forward_pairs(model, batch)
     text_keys, image_keys = batch_keys(batch)
@@ -125,12 +125,12 @@ def forward_batch(model: LxmertMatchingModel, batch: dict, factorize: str = "aut
     return forward_pairs(model, batch)
 
 
-def check_feature_width(model: LxmertMatchingModel, batch: dict) -> None:
-    """UserInputError when the batch's region features are not as wide as the model's visual input."""
-    expected, got = model.config.visual_feat_dim, int(batch["features"].shape[-1])
+def check_feature_width(model: LxmertMatchingModel, features: torch.Tensor | np.ndarray, img_id: str = "?") -> None:
+    """UserInputError when region features (..., D) are not as wide as the model's visual input; `img_id`: an
+    image they come from, for the message."""
+    expected, got = model.config.visual_feat_dim, int(np.shape(features)[-1])
     if got != expected:
-        example = batch["img_id"][0] if batch.get("img_id") else "?"
-        raise UserInputError(f"the features are {got} wide (img_id {example!r}), the model expects "
+        raise UserInputError(f"the features are {got} wide (img_id {img_id!r}), the model expects "
                              f"visual_feat_dim={expected}: features from another detector, or another model config?")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers_features import random_images
 
+from lxmert_pl.errors import UserInputError
 from lxmert_pl.model import LxmertMatchingModel, LxrtConfig, get_preset
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics, retrieval_metrics
 from lxmert_pl.retrieval import Retriever, cross_outputs, encode_set, relevance_matrix
@@ -242,6 +243,15 @@ def test_itm_without_matching_head_is_an_error(model, tokenizer):
         Retriever(no_head, tokenizer)
     cosine = Retriever(no_head, tokenizer, mode="cosine").grid(CAPTIONS[:2], feats, boxes)
     assert torch.equal(cosine, Retriever(model, tokenizer, mode="cosine").grid(CAPTIONS[:2], feats, boxes))
+
+
+@pytest.mark.parametrize("factorize", [True, False])
+def test_features_of_another_width_are_a_clear_error(model, tokenizer, factorize):
+    feats, boxes = random_images(2)
+    narrow = [f[:, :-1] for f in feats]
+    retriever = Retriever(model, tokenizer, factorize=factorize)
+    with pytest.raises(UserInputError, match=rf"features are {feats[0].shape[1] - 1} wide .* visual_feat_dim="):
+        retriever.grid(CAPTIONS[:2], narrow, boxes)
 
 
 def _structured_inputs(num_images: int, num_captions: int, seed: int):
