@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
+from lxmert_pl.distributed import world_and_rank
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel
@@ -134,7 +135,7 @@ class BlockDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
 
     def test_dataloader(self) -> DataLoader:
-        world, _ = _world()
+        world, _ = world_and_rank()
         # At least one item per process (None = no work): a process without batches would skip the epoch hooks and
         # leave the others waiting in their collectives.
         padding = [None] * max(0, world - len(self.pending), 1 - len(self.pending))
@@ -174,12 +175,6 @@ class _SourceLoader:
     def __call__(self, index: Sequence[int]):
         records = [self.source.get(self.img_ids[i]) for i in index]
         return [r.features for r in records], [r.normalized_boxes() for r in records]
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 class RetrievalModule(pl.LightningModule):
@@ -222,7 +217,7 @@ class RetrievalModule(pl.LightningModule):
 
     def _first_stage(self) -> Candidates:
         """Each process: the images of its share of all blocks and an even share of the captions; gathered."""
-        world, rank = _world()
+        world, rank = world_and_rank()
         share = UnpaddedDistributedSampler(self.plan, num_replicas=world, rank=rank)
         images = [i for block in self.plan[share.start : share.stop] for i in block.images]
         num_captions = len(self.sentences)
@@ -260,7 +255,7 @@ class RetrievalModule(pl.LightningModule):
         self._parts.append(part)
 
     def on_test_epoch_end(self) -> None:
-        world, rank = _world()
+        world, rank = world_and_rank()
         local = {"parts": self._parts, "pairs_scored": sum(len(p.score) for p in self._parts),
                  "captions_encoded": self._cache.captions_encoded, "images_encoded": self._cache.images_encoded}
         gathered = [local]
