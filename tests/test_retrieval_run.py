@@ -181,3 +181,21 @@ def test_two_process_run_stopped_and_resumed_equals_uninterrupted(fx, full_run, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(full_run[0] / "scores.npy"), atol=1e-6)
     assert _summary(out)["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS - 2 * 5 * 4
+
+
+def test_each_image_chunk_is_loaded_once_not_once_per_caption_block():
+    from lxmert_pl.retrieval import plan_blocks
+    from lxmert_pl.runs.retrieval import BlockDataset
+
+    loaded = []
+
+    def load_images(index):
+        loaded.append(list(index))
+        return [np.zeros((2, 4), np.float32) for _ in index], [np.zeros((2, 4), np.float32) for _ in index]
+
+    plan = plan_blocks(5, 7, None, image_block=2, caption_block=3)  # 3 image chunks x 3 caption chunks
+    dataset = BlockDataset(plan, load_images)
+    items = [dataset[i] for i in range(len(plan))]
+    assert loaded == [[0, 1], [2, 3], [4]]
+    assert [item["features"] is None for item in items] == [False, True, True] * 3
+    assert [item["images"] for item in items] == [list(block.images) for block in plan]

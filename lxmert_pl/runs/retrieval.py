@@ -145,12 +145,19 @@ class BlockDataModule(pl.LightningDataModule):
 
 
 class BlockDataset(Dataset):
-    """Items = the blocks still to score (None: an empty item), each with its images' features and normalised boxes (loaded here, so
-    DataLoader workers read ahead)."""
+    """Items = the blocks still to score (None: an empty item), each with its images' features and normalised boxes
+    (loaded here, so DataLoader workers read ahead).
+
+    Blocks are row-major (an image chunk, then each of its caption chunks): features are loaded when an item's
+    images differ from those of the item this dataset (or this worker's copy) loaded last, else the item carries
+    None and the module scores it with the images it encoded for that earlier item. Each image chunk is read once
+    per process instead of once per caption block.
+    """
 
     def __init__(self, blocks: Sequence[GridBlock | None], load_images: ImageLoader):
         self.blocks = list(blocks)
         self.load_images = load_images
+        self._last_images: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -159,8 +166,12 @@ class BlockDataset(Dataset):
         block = self.blocks[position]
         if block is None:  # padding: every process runs its hooks (and their collectives) even without work
             return None
-        features, boxes = self.load_images(list(block.images))
-        return {"block": block.index, "images": list(block.images), "features": features, "boxes": boxes}
+        images = list(block.images)
+        if images == self._last_images:
+            return {"block": block.index, "images": images, "features": None, "boxes": None}
+        self._last_images = images
+        features, boxes = self.load_images(images)
+        return {"block": block.index, "images": images, "features": features, "boxes": boxes}
 
 
 def source_loader(source, img_ids: Sequence[str]) -> ImageLoader:
@@ -247,7 +258,11 @@ class RetrievalModule(pl.LightningModule):
         if batch is None or (self.max_blocks is not None and len(self._parts) >= self.max_blocks):
             return
         block = self.plan[batch["block"]]
-        self._cache.add_images(batch["images"], batch["features"], batch["boxes"])
+        features, boxes = batch["features"], batch["boxes"]
+        if features is None and not all(self._cache.has_image(i) for i in batch["images"]):
+            features, boxes = self.load_images(batch["images"])  # not loaded with an earlier block after all
+        if features is not None:
+            self._cache.add_images(batch["images"], features, boxes)
         image_index, caption_index = block.pairs(self.candidates)
         scores = cross_scores(self.model, self._cache, image_index, caption_index, self.batch_size, self.mode)
         part = BlockScores(block.index, image_index.numpy(), caption_index.numpy(), scores.numpy())
