@@ -52,6 +52,7 @@ class HubRef:
     repo_id: str
     revision: str = DEFAULT_REVISION
     files: tuple[str, ...] = ()
+    repo_type: str = "model"  # or "dataset" (hf://datasets/ORG/NAME)
 
     @property
     def pinned(self) -> bool:
@@ -59,7 +60,8 @@ class HubRef:
         return bool(_COMMIT_RE.fullmatch(self.revision))
 
     def uri(self, revision: str | None = None) -> str:
-        return f"{HUB_SCHEME}{self.repo_id}@{revision or self.revision}"
+        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        return f"{HUB_SCHEME}{kind}{self.repo_id}@{revision or self.revision}"
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -85,7 +87,8 @@ def parse_hub_ref(text: str) -> HubRef | None:
 
 def placement_hint(ref: HubRef, files: tuple[str, ...]) -> str:
     """How to get the files by hand: into the HF cache on a connected machine, or into a folder given as a path."""
-    command = " ".join(("hf download", ref.repo_id, *files, "--revision", ref.revision))
+    kind = () if ref.repo_type == "model" else ("--repo-type", ref.repo_type)
+    command = " ".join(("hf download", ref.repo_id, *files, *kind, "--revision", ref.revision))
     what = ", ".join(files) if files else "its config and weights files"
     return (f"on a connected machine run `{command}` and copy its HF cache (HF_HUB_CACHE, default "
             f"~/.cache/huggingface/hub) here, or put {what} in a folder and pass that folder instead")
@@ -105,7 +108,7 @@ def fetch_hub_files(ref: HubRef, *, download: bool = True, progress: bool = True
         if not files:
             files = _choose_files(ref, local_only=not download)
         paths = [Path(huggingface_hub.hf_hub_download(ref.repo_id, name, revision=ref.revision,
-                                                      local_files_only=not download,
+                                                      repo_type=ref.repo_type, local_files_only=not download,
                                                       tqdm_class=None if progress else _SilentTqdm))
                  for name in files]
     except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled,

@@ -104,8 +104,8 @@ def compose(
     for key, value in given.items():
         OmegaConf.update(cli, key, value, force_add=True)
     test_name = test or OmegaConf.select(cli, "test") or cfg.get("test")
-    if OmegaConf.select(cli, "data.pairs"):
-        test_name = None  # explicit pairs: no test split
+    if OmegaConf.select(cli, "data.pairs") or OmegaConf.select(cli, "task") == "benchmark":
+        test_name = None  # explicit pairs, or a benchmark's own data: no test split
     if "test" in cfg:
         cfg.test = test_name
     if test_name and "data" in cfg:

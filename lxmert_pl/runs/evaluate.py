@@ -10,6 +10,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from lxmert_pl.runs.placement import choose_strategy
 from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logger
 from lxmert_pl.model.loading import load_lxmert
+from lxmert_pl.pairs.io import Pair
 from lxmert_pl.runs.outputs import (
     StagedResults,
     metrics_table,
@@ -85,8 +87,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = Tr
     images = Path(data.images)
     if not images.exists():
         raise FileNotFoundError(f"image folder not found: {images}")
-    if not images.is_dir():
-        raise NotADirectoryError(f"--images must be a folder of images, got a file: {images}")
+    # a file is a list of image paths (one per line, relative to it), as for extract.py: list_images checks it
     boxes = load_given_boxes(data.given_boxes) if data.given_boxes else None
     detector_ckpt = resolve_checkpoint(str(cfg.detector.ckpt))
     geometry = choose_geometry(cfg.detector.geometry, detector_ckpt.geometry, "detector.geometry")
@@ -173,7 +174,20 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                                   f"unchanged){kept}. Run the same command again to start over") from None
 
 
-def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
+@dataclass
+class Scorer:
+    """What scoring pairs needs, built once per run: weights, loggers, the Trainer, the feature source, the module."""
+
+    resolved: Any  # the checkpoint as resolved (registry alias, path, hub)
+    loggers: list
+    trainer: pl.Trainer
+    source: Any  # the feature source (`in` says whether it has an img_id)
+    source_text: str
+    module: MatchingModule
+
+
+def build_scorer(cfg: DictConfig, name: str, out_dir: Path) -> Scorer:
+    """Load the weights and build the Trainer, the feature source (features or images) and the MatchingModule."""
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=require)
@@ -184,21 +198,35 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     cache = image_cache_path(cfg, out_dir)
     trainer = build_trainer(cfg, loggers, [PrefetchImages(cfg.detector.batch_size, cache)])
     source, source_text = build_feature_source(cfg, out_dir, writes_cache=trainer.is_global_zero)
+    module = MatchingModule(model_config=model.config.to_dict(), heads=model.heads, mode=cfg.mode,
+                            threshold=cfg.threshold, factorize=cfg.factorize, model=model)
+    return Scorer(resolved, loggers, trainer, source, source_text, module)
+
+
+def score_pairs(cfg: DictConfig, scorer: Scorer, pairs: str | Path | list[Pair]) -> MatchingDataModule:
+    """Score `pairs` (a pair file or a list of `Pair`) on the Trainer (DDP-sharded, each pair once); the gathered
+    results are in `scorer.module.results` on global rank 0. Returns the datamodule (its `test_pairs`, `skipped`)."""
     datamodule = MatchingDataModule(
-        feature_source=source, test_pairs=cfg.data.pairs, batch_size=cfg.data.batch_size,
+        feature_source=scorer.source, test_pairs=pairs, batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers, max_seq_length=cfg.data.max_seq_length,
         skip_missing=cfg.data.skip_missing,
     )
-    module = MatchingModule(model_config=model.config.to_dict(), heads=model.heads, mode=cfg.mode,
-                            threshold=cfg.threshold, factorize=cfg.factorize, model=model)
-    say(f"Pairs: {cfg.data.pairs}\nFeatures: {source_text}\nScoring: {cfg.mode} "
-        f"(threshold {module.threshold:g}), output: {out_dir}")
     try:
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        scorer.trainer.test(scorer.module, datamodule=datamodule, verbose=False)
     except SystemExit:
-        if trainer.interrupted:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
+        if scorer.trainer.interrupted:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
             raise KeyboardInterrupt from None
         raise
+    return datamodule
+
+
+def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
+    scorer = build_scorer(cfg, name, out_dir)
+    resolved, loggers, trainer, module = scorer.resolved, scorer.loggers, scorer.trainer, scorer.module
+    source_text = scorer.source_text
+    say(f"Pairs: {cfg.data.pairs}\nFeatures: {source_text}\nScoring: {cfg.mode} "
+        f"(threshold {module.threshold:g}), output: {out_dir}")
+    datamodule = score_pairs(cfg, scorer, cfg.data.pairs)
     results = module.results or {}
     if not trainer.is_global_zero:
         return {"out_dir": out_dir, "metrics": results.get("metrics", {})}

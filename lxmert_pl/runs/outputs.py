@@ -165,8 +165,9 @@ class StagedResults:
         stage.replaced   # names of an earlier run's results that this run replaced or removed
     """
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, names: Sequence[str] = RESULT_NAMES):
         self.out_dir = Path(out_dir)
+        self.names = tuple(names)  # the files and folders that make up one run's results
         self.path = Path(tempfile.mkdtemp(prefix=".results-", dir=self.out_dir))
         self.replaced: list[str] = []
 
@@ -179,15 +180,15 @@ class StagedResults:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> None:
-        unknown = sorted(p.name for p in self.path.iterdir() if p.name not in RESULT_NAMES)
+        unknown = sorted(p.name for p in self.path.iterdir() if p.name not in self.names)
         if unknown:
-            raise RuntimeError(f"staged results hold files outside RESULT_NAMES: {unknown}")
-        for name in RESULT_NAMES:
+            raise RuntimeError(f"staged results hold files outside the result names {self.names}: {unknown}")
+        for name in self.names:
             old = self.out_dir / name
             if old.exists():
                 self.replaced.append(name)
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-        for name in RESULT_NAMES:
+        for name in self.names:
             staged = self.path / name
             if staged.exists():
                 os.replace(staged, self.out_dir / name)
