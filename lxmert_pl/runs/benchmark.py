@@ -27,6 +27,7 @@ from lxmert_pl.pairs.io import Pair
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
 from lxmert_pl.runs.evaluate import build_scorer, nonfinite_pairs, score_pairs
+from lxmert_pl.runs.loggers import wandb_logger
 from lxmert_pl.runs.outputs import StagedResults, metrics_table, prediction_rows
 
 RESULT_NAMES = ("predictions.json", "metrics.json", "tables.md", "items.json", "config.yaml")
@@ -105,9 +106,15 @@ def _run(cfg: DictConfig, bench: Benchmark, name: str, out_dir: Path) -> dict[st
         OmegaConf.save(cfg, stage.path / "config.yaml")
     if stage.replaced:
         say(f"Replaced the results of an earlier run in {out_dir}: {', '.join(stage.replaced)}")
+    clean = {f"benchmark/{k}": v for k, v in result.metrics.items() if v == v}  # NaN dropped
     for logger in scorer.loggers:
-        logger.log_metrics({f"benchmark/{k}": v for k, v in result.metrics.items() if v == v})
+        logger.log_metrics(clean)
         logger.save()
+    wandb = wandb_logger(scorer.loggers)
+    if wandb is not None:
+        wandb.experiment.summary.update(clean)
+        wandb.finalize("success")
+        wandb.experiment.finish()
     if skipped:
         say(f"Skipped {len(skipped)} items whose images the feature source lacks (data.skip_missing=true), e.g. "
             f"{skipped[0].describe()}.")
