@@ -175,6 +175,8 @@ def test_negatives_json_jsonl_categories_and_ties(tmp_path):
     # a JSON Lines file under a .json suffix is read as JSON Lines
     (folder / "mine.jsonl").rename(folder / "mine2.json")
     assert len(load_negatives(folder / "mine2.json")) == 3
+    _jsonl(folder / "one.json", [{"filename": "x.png", "caption": "p", "negative_caption": "n"}])
+    assert [(i.id, i.img_id) for i in load_negatives(folder / "one.json")] == [("1", "x")]
 
 
 def test_negatives_malformed(tmp_path):

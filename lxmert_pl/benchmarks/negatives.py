@@ -55,10 +55,10 @@ def _is_json_lines(file: Path) -> bool:
     if file.suffix.lower() in (".jsonl", ".ndjson"):
         return True
     try:
-        json.loads(read_text(file))
+        data = json.loads(read_text(file))
     except json.JSONDecodeError as err:
         return err.msg == "Extra data"  # one object per line: the first line parses, the rest is "extra"
-    return False
+    return isinstance(data, dict) and isinstance(data.get("caption"), str)  # JSON Lines of a single item
 
 
 def _records(file: Path) -> list[tuple[str, str, dict]]:

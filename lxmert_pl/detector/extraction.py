@@ -85,9 +85,18 @@ def _read_list_file(source: Path) -> list[Path]:
     paths = [source.parent / line for line in lines if line and not line.startswith("#")]
     if not paths:
         raise UserInputError(f"{source} lists no image paths")
-    if not any(path.is_file() for path in paths):
-        raise UserInputError(f"{not_a_list}: none of the {len(paths)} paths it lists exists (first: {paths[0]})")
+    if not any(_is_file(path) for path in paths):
+        first = str(paths[0]) if len(str(paths[0])) <= 120 else str(paths[0])[:120] + "..."
+        raise UserInputError(f"{not_a_list}: none of the {len(paths)} paths it lists exists (first: {first})")
     return paths
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for a line no file can have (a name too long: a JSON or other text, not a list)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def load_given_boxes(path: str | Path) -> dict[str, np.ndarray]:
