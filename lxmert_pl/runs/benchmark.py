@@ -28,9 +28,11 @@ from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
 from lxmert_pl.runs.evaluate import build_scorer, nonfinite_pairs, score_pairs
 from lxmert_pl.runs.loggers import wandb_logger
+from lxmert_pl.runs.outputs import RESULT_NAMES as MATCHING_RESULTS
 from lxmert_pl.runs.outputs import StagedResults, metrics_table, prediction_rows
 
-RESULT_NAMES = ("predictions.json", "metrics.json", "tables.md", "items.json", "config.yaml")
+# A matching run's result names too: its predictions.csv or plots/ left in the same folder are removed, not mixed in.
+RESULT_NAMES = (*MATCHING_RESULTS, "tables.md", "items.json")
 
 
 def benchmark_run_name(cfg: DictConfig) -> str:

@@ -175,7 +175,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 @dataclass
-class Scorer:
+class ScoringRun:
     """What scoring pairs needs, built once per run: weights, loggers, the Trainer, the feature source, the module."""
 
     resolved: Any  # the checkpoint as resolved (registry alias, path, hub)
@@ -186,7 +186,7 @@ class Scorer:
     module: MatchingModule
 
 
-def build_scorer(cfg: DictConfig, name: str, out_dir: Path) -> Scorer:
+def build_scorer(cfg: DictConfig, name: str, out_dir: Path) -> ScoringRun:
     """Load the weights and build the Trainer, the feature source (features or images) and the MatchingModule."""
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
@@ -200,10 +200,10 @@ def build_scorer(cfg: DictConfig, name: str, out_dir: Path) -> Scorer:
     source, source_text = build_feature_source(cfg, out_dir, writes_cache=trainer.is_global_zero)
     module = MatchingModule(model_config=model.config.to_dict(), heads=model.heads, mode=cfg.mode,
                             threshold=cfg.threshold, factorize=cfg.factorize, model=model)
-    return Scorer(resolved, loggers, trainer, source, source_text, module)
+    return ScoringRun(resolved, loggers, trainer, source, source_text, module)
 
 
-def score_pairs(cfg: DictConfig, scorer: Scorer, pairs: str | Path | list[Pair]) -> MatchingDataModule:
+def score_pairs(cfg: DictConfig, scorer: ScoringRun, pairs: str | Path | list[Pair]) -> MatchingDataModule:
     """Score `pairs` (a pair file or a list of `Pair`) on the Trainer (DDP-sharded, each pair once); the gathered
     results are in `scorer.module.results` on global rank 0. Returns the datamodule (its `test_pairs`, `skipped`)."""
     datamodule = MatchingDataModule(
