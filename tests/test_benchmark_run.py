@@ -96,6 +96,7 @@ def test_winoground_run_scores_each_pair_once_and_metrics_follow_from_them(files
     assert "text_score" in stdout and "a tie counts as wrong" in stdout and "bundled demo" in stdout
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one(files, wino_run):
     out_one, _ = wino_run
     out_two = files["tmp"] / "wino_two"

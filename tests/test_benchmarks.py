@@ -15,6 +15,7 @@ from lxmert_pl.benchmarks.common import split_available
 from lxmert_pl.benchmarks.negatives import evaluate_negatives, load_negatives
 from lxmert_pl.benchmarks.valse import evaluate_valse, load_valse
 from lxmert_pl.benchmarks.winoground import evaluate_winoground, load_winoground
+from lxmert_pl.hub import placement_hint
 
 
 def _jsonl(path, rows):
@@ -248,6 +249,8 @@ def test_winoground_from_the_hub_is_fetched_and_unpacked_once(tmp_path, monkeypa
     assert (ref.repo_id, ref.revision, ref.repo_type, ref.files) == ("facebook/winoground", "v1", "dataset",
                                                                      ("data/examples.jsonl", "data/images.zip"))
     assert ref.uri() == "hf://datasets/facebook/winoground@v1"
+    assert "hf download facebook/winoground data/examples.jsonl data/images.zip --repo-type dataset --revision v1" in \
+        placement_hint(ref, ref.files)
     assert bench.image_folder == tmp_path / "cache" / "lxmert_pl" / "winoground" / ("c" * 40) / "images"
     assert sorted(p.name for p in bench.image_folder.iterdir()) == ["ex_0_img_0.png", "ex_0_img_1.png"]
     assert [e.id for e in bench.items] == ["0"]

@@ -110,10 +110,10 @@ def load_valse(path: str | Path, valid_only: bool = True) -> tuple[list[ValseIte
 def item_outcome(item: ValseItem, score: Callable[[str, str], float], threshold: float) -> dict:
     caption = score(item.img_id, item.caption)
     foils = [score(item.img_id, foil) for foil in item.foils]
-    return {"piece": item.piece, "id": item.id, "img_id": item.img_id, "caption": item.caption,
+    return {**item.info, "piece": item.piece, "id": item.id, "img_id": item.img_id, "caption": item.caption,
             "foils": list(item.foils), "caption_score": caption, "foil_scores": foils,
             "ranked": [caption > f for f in foils], "caption_fits": caption > threshold,
-            "foil_detected": [f <= threshold for f in foils], **item.info}
+            "foil_detected": [f <= threshold for f in foils]}
 
 
 def piece_metrics(outcomes: Sequence[dict]) -> dict[str, float]:
