@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomically(sample / "winoground_demo.jsonl", "".join(json.dumps(ex) + "\n" for ex in examples))
     images = dict.fromkeys(img for ex in examples for img in (ex["image_0"], ex["image_1"]))
     listing = "".join(f"images/{scenes[img]['split']}/{img}.png\n" for img in images)
-    write_atomically(sample / "winoground_demo_images.txt",
-                     "# the images data/sample/winoground_demo.jsonl names (scripts/make_benchmark_demo.py)\n" + listing)
+    header = "# the images data/sample/winoground_demo.jsonl names (scripts/make_benchmark_demo.py)\n"
+    write_atomically(sample / "winoground_demo_images.txt", header + listing)
     print(f"{len(examples)} examples, {len(images)} images -> {sample / 'winoground_demo.jsonl'}")
     return 0
 

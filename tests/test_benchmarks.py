@@ -13,7 +13,7 @@ from lxmert_pl.benchmarks import BenchmarkFileError, PairKey, image_key, load_be
 from lxmert_pl.benchmarks import hub as bench_hub
 from lxmert_pl.benchmarks.common import split_available
 from lxmert_pl.benchmarks.negatives import evaluate_negatives, load_negatives
-from lxmert_pl.benchmarks.valse import evaluate_valse, load_valse
+from lxmert_pl.benchmarks.valse import load_valse
 from lxmert_pl.benchmarks.winoground import evaluate_winoground, load_winoground
 from lxmert_pl.hub import placement_hint
 
