@@ -58,7 +58,8 @@ def test_scores_equal_eval_one_step(matcher, tmp_path):
     proc = run_script("eval.py", "--pairs", tmp_path / "pairs.json", "--images", VAL_IMAGES, "--given-boxes", BOXES,
                       "--out", tmp_path / "out", "report=false", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    expected = {row["question_id"]: row["score"] for row in json.loads((tmp_path / "out" / "predictions.json").read_text())}
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    expected = {row["question_id"]: row["score"] for row in rows}
     got = matcher.score([VAL_IMAGES / f"{p['img_id']}.png" for p in pairs], [p["sent"] for p in pairs],
                         given_boxes=BOXES)
     assert len(expected) == len(pairs)
@@ -277,3 +278,12 @@ def test_cli_show_writes_the_picture(tmp_path, capsys):
     assert "Top sentence 'a green triangle' attends to:" in text and f"Picture: {out}" in text
     picture = Image.open(out)
     assert picture.mode == "RGB" and max(picture.size) == 512
+
+
+def test_rank_bench_runs_and_checks_agreement(capsys):
+    from conftest import load_script
+
+    bench = load_script(REPO_ROOT / "bench" / "matcher_rank.py", "matcher_rank_bench")
+    assert bench.main(["--images", "2", "--texts", "3", "--rounds", "1", "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "rank is" in out and "max |score - rank|" in out and "FAIL" not in out

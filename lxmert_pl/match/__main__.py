@@ -1,6 +1,6 @@
 """Score sentences against one image, from the raw image: detector -> LXMERT.
 
-    python -m lxmert_pl.match IMAGE "a dog on a couch" "a plane in the sky" [--ckpt lxr955 --detector frcnn-vg-finetuned]
+    python -m lxmert_pl.match IMAGE "a dog on a couch" "a plane" --ckpt lxr955 --detector frcnn-vg-finetuned
     python -m lxmert_pl.match data/sample/images/val/sample_val_000000.png "a green triangle" "a red circle"
 
 Prints the sentences sorted by score in a table. Without --ckpt/--detector it runs the bundled demo, like
