@@ -439,8 +439,10 @@ class Matcher:
         boxes_of = _given_boxes_lookup(given_boxes, images)
         out: list[ImageFeatures | None] = [None] * len(images)
         keys: list[str] = [""] * len(images)
-        todo: dict[str, tuple[np.ndarray, np.ndarray | None, str, list[int]]] = {}  # key -> (bgr, boxes, name, rows)
-        decoded: dict[Any, tuple[str, np.ndarray, np.ndarray | None]] = {}  # one decode per input object and call
+        # key -> (image, boxes, name, rows) of the images the detector must see; their pixels are decoded again
+        # batch by batch there, so that a long list never holds all its images in memory at once
+        todo: dict[str, tuple[ImageInput, np.ndarray | None, str, list[int]]] = {}
+        decoded: dict[Any, str] = {}  # key of each input object (path or id) and boxes: one decode per call
         for row, image in enumerate(images):
             name = _name_of(image, row)
             if isinstance(image, ImageFeatures):
@@ -452,10 +454,10 @@ class Matcher:
                 out[row], keys[row] = source.get(image), f"feature file {id(source)} {image}"
                 continue
             memo = (image if isinstance(image, (str, Path)) else id(image), id(boxes_of(row, image)))
+            boxes = boxes_of(row, image)
             if memo not in decoded:
-                decoded[memo] = self._keyed_image(image, name, boxes_of(row, image), source)
-            key, bgr, boxes = decoded[memo]
-            keys[row] = key
+                decoded[memo] = self._key_of(image, name, boxes, source)
+            key = keys[row] = decoded[memo]
             if key in todo:
                 todo[key][3].append(row)
                 continue
@@ -463,14 +465,14 @@ class Matcher:
             if cached is not None:
                 out[row] = dataclasses.replace(cached, img_id=_row_id(name))
             else:
-                todo[key] = (bgr, boxes, name, [row])
+                todo[key] = (image, boxes, name, [row])
         for key, record in self._run_detector(todo).items():
             for row in todo[key][3]:
                 out[row] = dataclasses.replace(record, img_id=_row_id(_name_of(images[row], row)))
         return keys, out  # type: ignore[return-value]
 
-    def _keyed_image(self, image: ImageInput, name: str, boxes: np.ndarray | None,
-                     source: Any) -> tuple[str, np.ndarray, np.ndarray | None]:
+    def _key_of(self, image: ImageInput, name: str, boxes: np.ndarray | None, source: Any) -> str:
+        """The detections cache key of an image (decoded here: its pixels are the key) with its given boxes."""
         from lxmert_pl.detector.image_input import to_bgr
 
         if isinstance(image, (str, Path)) and not Path(image).exists():
@@ -484,7 +486,7 @@ class Matcher:
         if self.detector is None:
             raise UserInputError(f"{name}: this Matcher has no detector (detector=None): pass precomputed detections "
                                  "(ImageFeatures, or img_ids with features=FILE)")
-        return detection_key(self._settings_digest(boxes is not None), bgr, boxes), bgr, boxes
+        return detection_key(self._settings_digest(boxes is not None), bgr, boxes)
 
     def _settings_digest(self, given: bool) -> str:
         if given not in self._settings:
@@ -497,6 +499,9 @@ class Matcher:
         return self._settings[given]
 
     def _run_detector(self, todo: dict) -> dict[str, ImageFeatures]:
+        """Detect the images of `todo` (key -> (image, boxes, name, rows)), `detector_batch_size` per pass."""
+        from lxmert_pl.detector.image_input import to_bgr
+
         keys = list(todo)
         found: dict[str, ImageFeatures] = {}
         show = self.progress and len(keys) >= PROGRESS_MIN_IMAGES
@@ -504,7 +509,8 @@ class Matcher:
             for start in range(0, len(keys), self.detector_batch_size):
                 part = keys[start : start + self.detector_batch_size]
                 given = [todo[k][1] for k in part]
-                rows = self.detector.extract([todo[k][0] for k in part], part, self.selection,
+                pixels = [to_bgr(todo[k][0], todo[k][2]) for k in part]
+                rows = self.detector.extract(pixels, part, self.selection,
                                              None if all(g is None for g in given) else given)
                 self.detector_calls += 1
                 self.images_detected += len(part)
