@@ -1,0 +1,184 @@
+"""The demo page (Gradio Blocks): drop an image, type sentences, see which match and the regions behind them.
+
+`build_app(engine, ...)` lays out the page on a `DemoEngine`; `python -m lxmert_pl.demo` loads the weights and
+launches it. Endpoints (for `gradio_client`):
+
+* `/match` (image, sentences, mode) -> (table, drawn image, sentence choice): the sentences sorted by score, exactly
+  as `Matcher.score` returned them (the table's `score` column keeps every digit; the page shows 3);
+* `/why` (image, sentence) -> drawn image with that sentence's attended boxes highlighted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page never phones home
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lxmert_pl.demo.engine import MODE_NAMES, DemoEngine, Ranked, parse_sentences  # noqa: E402
+from lxmert_pl.demo.samples import Example  # noqa: E402
+from lxmert_pl.errors import LxmertPlError  # noqa: E402
+
+TABLE_HEADERS = ["rank", "sentence", "score"]
+CSS = """
+.weights-note {font-size: 0.9em}
+.demo-warning {border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217, 119, 6, 0.08);
+               border-radius: 4px}
+#drawn img {image-rendering: pixelated}
+footer {display: none !important}
+"""
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's default look with system fonts: the page loads nothing from outside (no web fonts)."""
+    system = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
+    mono = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+    return gr.themes.Default(primary_hue="indigo", font=system, font_mono=mono)
+
+
+def results_table(ranked: Ranked) -> "pd.io.formats.style.Styler":
+    """Rank, sentence, score (full precision in the data; 3 decimals and a bar on the page)."""
+    frame = pd.DataFrame({"rank": range(1, len(ranked.sentences) + 1), "sentence": ranked.sentences,
+                          "score": [float(s) for s in ranked.scores]})
+    styler = frame.style.format({"score": "{:.3f}"})
+    if ranked.mode == "itm":  # probabilities: a bar from 0 to 1, green at or above 0.5
+        styler = styler.map(lambda p: f"background: linear-gradient(90deg, {'#bbf7d0' if p >= 0.5 else '#fecaca'} "
+                                      f"{100 * p:.0f}%, transparent {100 * p:.0f}%)", subset=["score"])
+    return styler
+
+
+def _user_error(err: Exception) -> gr.Error:
+    return gr.Error(str(err), title="Cannot do that")
+
+
+def pick_row(event: gr.SelectData):
+    """A click on a table row chooses its sentence."""
+    return gr.Radio(value=event.row_value[1]) if event.row_value else gr.Radio()
+
+
+def _file(payload) -> tuple[str | None, str | None]:
+    """(path, original name) of an image input's raw payload (the events skip Gradio's own decoding)."""
+    if payload is None:
+        return None, None
+    if isinstance(payload, str):
+        return payload, None
+    return payload.get("path"), payload.get("orig_name")
+
+
+def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: bool,
+              examples: list[Example] = (), modes: tuple[str, ...] = ("itm",)) -> gr.Blocks:
+    """The page. `weights_lines`: which weights are loaded (shown on it); `demo_weights`: add the bundled-demo
+    warning; `modes`: the score modes the checkpoint offers (a switch when there are two)."""
+
+    def match(image, text, mode):
+        path, name = _file(image)
+        try:
+            query = engine.open_image(path, name)
+            sentences = parse_sentences(text)
+            ranked = engine.rank(query, sentences, mode)
+            drawn = engine.draw(query, ranked.sentences[0])
+        except LxmertPlError as err:
+            raise _user_error(err) from None
+        return results_table(ranked), drawn, gr.Radio(choices=ranked.sentences, value=ranked.sentences[0],
+                                                      visible=True)
+
+    def why(image, sentence):
+        path, name = _file(image)
+        try:
+            query = engine.open_image(path, name)
+            return engine.draw(query, sentence or None)
+        except LxmertPlError as err:
+            raise _user_error(err) from None
+
+    with gr.Blocks(title="LXMERT image-text matching") as app:
+        gr.Markdown("# LXMERT image–text matching\nDrop an image, type a few sentences (one a line) and press "
+                    "**Match**: the sentences come back sorted by how well they match, with the regions the model "
+                    "looked at.")
+        gr.Markdown("\n".join(f"- {line}" for line in weights_lines), elem_classes="weights-note")
+        if demo_weights:
+            gr.Markdown("**Bundled demo weights.** A tiny model trained on synthetic coloured shapes: its scores mean "
+                        "something only on the sample scenes below. For real photos start the demo with "
+                        "`--ckpt lxr955 --detector frcnn-vg-finetuned`.", elem_classes="demo-warning")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                image = gr.Image(label="Image", type="filepath", format="png", height=300,
+                                 sources=["upload", "clipboard"], elem_id="image")
+                text = gr.Textbox(label="Sentences (one a line)", lines=4, elem_id="sentences",
+                                  placeholder="a red circle and a small blue star\nthere is a green triangle")
+                mode = gr.Radio(choices=[(MODE_NAMES[m], m) for m in modes], value=modes[0], label="Score",
+                                visible=len(modes) > 1, elem_id="mode")
+                button = gr.Button("Match", variant="primary", elem_id="match")
+            with gr.Column(scale=7):
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["number", "str", "number"],
+                                     label="Sentences, best match first", interactive=False, elem_id="results",
+                                     column_widths=["12%", "68%", "20%"], wrap=True)
+                drawn = gr.Image(label="Detections; highlighted: the regions behind the chosen sentence",
+                                 type="pil", format="png", interactive=False, elem_id="drawn")
+                chosen = gr.Radio(label="Show the regions behind", choices=[], visible=False, elem_id="chosen")
+        if examples:
+            gr.Examples([[str(e.path), e.text] for e in examples], inputs=[image, text], label="Sample scenes",
+                        examples_per_page=len(examples))
+
+        inputs = [image, text, mode]
+        button.click(match, inputs, [table, drawn, chosen], api_name="match", preprocess=False)
+        text.submit(match, inputs, [table, drawn, chosen], api_name=False, preprocess=False)
+        chosen.input(why, [image, chosen], drawn, api_name="why", preprocess=False)
+        table.select(pick_row, None, chosen, api_name=False).then(why, [image, chosen], drawn, api_name=False,
+                                                                  preprocess=False)
+    return app
+
+
+def is_bundled_demo(ckpt: str) -> bool:
+    """True when `ckpt` names the registry's bundled demo weights (never for a path, whatever its name)."""
+    from lxmert_pl.registry import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(ckpt, download=False, progress=False).is_bundled_demo
+    except LxmertPlError:
+        return False
+
+
+def load_demo(ckpt: str = "demo-lxrt", detector: str = "demo-frcnn", *, mode: str | None = None,
+              device: str = "auto", max_pixels: int | None = None, matcher=None) -> tuple[gr.Blocks, str]:
+    """Load the Matcher (or take `matcher`) and lay out the page; returns (app, what was loaded, for the console)."""
+    from lxmert_pl.demo.engine import MAX_PIXELS
+    from lxmert_pl.demo.samples import SampleBoxes, load_examples
+
+    if matcher is None:
+        from lxmert_pl import Matcher
+
+        matcher = Matcher.from_pretrained(ckpt, detector=detector, device=device,
+                                          **({} if mode is None else {"mode": mode}))
+    modes = tuple(matcher.modes)
+    if mode is not None:
+        modes = (mode,) + tuple(m for m in modes if m != mode)
+    weights_lines = matcher_weights_lines(matcher)
+    demo = is_bundled_demo(ckpt)
+    engine = DemoEngine(matcher, SampleBoxes(), max_pixels=max_pixels or MAX_PIXELS)
+    app = build_app(engine, weights_lines=weights_lines, demo_weights=demo, examples=load_examples(), modes=modes)
+    return app, "\n".join(weights_lines)
+
+
+def matcher_weights_lines(matcher) -> list[str]:
+    """Which weights the Matcher loaded, one line each (as it reports them)."""
+    report = getattr(matcher, "report", None)
+    return [line for line in str(report).splitlines() if line.strip()] or ["weights: (not reported)"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (the system picks it)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def launch_app(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, quiet: bool = True) -> str:
+    """Serve the page without blocking (no share link, no analytics); returns its local URL."""
+    app.queue(default_concurrency_limit=1)  # one query at a time: the model is shared
+    _, url, _ = app.launch(server_name=host, server_port=port or free_port(host), share=False, prevent_thread_lock=True,
+                           quiet=quiet, show_error=True, theme=theme(), css=CSS, ssr_mode=False, mcp_server=False,
+                           max_file_size="50mb", footer_links=[])
+    return url
