@@ -65,3 +65,133 @@ def test_examples_hold_the_true_caption_first_and_two_false_sentences():
     for example in examples:
         assert example.path.is_file() and len(example.sentences) == 3
         assert len(set(example.sentences)) == 3
+
+
+# ------------------------------------------------------------------------------------------- the served page
+
+gradio_client = pytest.importorskip("gradio_client", reason="the demo extra (pip install -e '.[test]') is missing")
+SMALL_LIMIT = 1_000_000  # pixels: the served test page refuses larger images (the sample scenes are ~0.03 MP)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The page on the bundled demo weights, served in this process on a free local port."""
+    from lxmert_pl import Matcher
+    from lxmert_pl.demo.app import launch_app, load_demo
+
+    matcher = Matcher.from_pretrained("demo-lxrt", detector="demo-frcnn", device="cpu")
+    app, summary = load_demo("demo-lxrt", "demo-frcnn", matcher=matcher, max_pixels=SMALL_LIMIT)
+    url = launch_app(app, port=0)
+    assert url.startswith("http://127.0.0.1:")
+    yield matcher, url, summary
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return gradio_client.Client(served[1], verbose=False)
+
+
+def test_the_page_ranks_with_matcher_scores_and_reuses_the_detections(served, client, tmp_path):
+    matcher, _, _ = served
+    example = load_examples()[0]
+    upload = tmp_path / "my photo.png"  # another name: the page finds the scene's boxes by its pixels
+    shutil.copy(example.path, upload)
+    before = matcher.detector_calls
+    table, drawn, chosen, note = client.predict(gradio_client.handle_file(str(upload)), example.text, "itm",
+                                          api_name="/match")
+    sentences, scores = [row[1] for row in table["data"]], [row[2] for row in table["data"]]
+    assert sentences[0] == example.sentences[0], table  # the true caption ranks first
+    assert sorted(sentences) == sorted(example.sentences) and scores == sorted(scores, reverse=True)
+    boxes = SampleBoxes().boxes(example.img_id)
+    expected = matcher.score(str(example.path), sentences, given_boxes=[boxes])
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    assert matcher.detector_calls == before + 1  # one detection for the upload; Matcher.score above: cached
+    assert chosen["value"] == sentences[0]
+    assert note.startswith("sample_val_000000: a bundled sample scene")
+    assert Image.open(drawn).size[0] >= 2 * Image.open(upload).size[0]  # drawn larger, for legible labels
+
+    table, _, _, _ = client.predict(gradio_client.handle_file(str(upload)), "a red circle\na small green triangle\n"
+                                 "an orange diamond", "cosine", api_name="/match")
+    assert matcher.detector_calls == before + 1  # same image, new sentences: no detector
+    cosine = [row[2] for row in table["data"]]
+    assert all(-1.0 <= c <= 1.0 for c in cosine) and cosine == sorted(cosine, reverse=True)
+    why = client.predict(gradio_client.handle_file(str(upload)), "a red circle", api_name="/why")
+    assert Image.open(why).size == Image.open(drawn).size
+    assert matcher.detector_calls == before + 1
+
+
+def test_the_page_says_what_is_wrong_instead_of_a_traceback(served, client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("these are my notes")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1200, 1000), (40, 40, 40)).save(big)
+    sample = str(load_examples()[0].path)
+    cases = [(str(notes), "a red circle", "notes.png is not an image"),
+             (sample, "  \n ", "type at least one sentence"),
+             (str(big), "a red circle", "1200 x 1000 = 1.2 megapixels; the limit is 1 megapixels")]
+    for path, text, message in cases:
+        with pytest.raises(AppError, match=message):
+            client.predict(gradio_client.handle_file(path), text, "itm", api_name="/match")
+
+
+def test_the_page_in_a_browser_runs_an_example(served, tmp_path):
+    from browser import open_page
+
+    _, url, _ = served
+    example = load_examples()[0]
+    with open_page(url, None, wait_for="#examples tr.tr-body") as page:
+        assert "Bundled demo weights" in page.run("return document.body.innerText")
+        page.click("#examples tr.tr-body")  # the first sample scene fills the image and the sentences ...
+        page.wait_for("#image img")
+        page.click("#match")  # ... and the page's own button runs it
+        page.wait_for("#results tbody", text=example.sentences[0], timeout=60)
+        page.wait_for("#drawn img", timeout=30)
+        first = page.run("return document.querySelector('#results tbody tr').innerText")
+        assert example.sentences[0] in first
+        drawn = page.run("const i = document.querySelector('#drawn img'); return [i.complete, i.naturalWidth]")
+        assert drawn[0] and drawn[1] > 300
+        shot = page.take_screenshot(tmp_path / "demo_page.png")
+        assert page.new_console_errors() == [] and page.console_errors == []
+    assert shot.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def test_the_command_serves_the_demo_on_this_machine_only_and_says_where(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from lxmert_pl.demo.app import free_port
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lxmert_pl.demo", "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        lines = []
+        for line in process.stdout:  # until it says where the page is
+            lines.append(line)
+            if line.startswith("Demo page:") or len(lines) > 200:
+                break
+        out = "".join(lines)
+        assert f"Demo page: http://127.0.0.1:{port}/" in out, out
+        assert "BUNDLED DEMO" in out and "gradio.live" not in out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    bad = subprocess.run([sys.executable, "-m", "lxmert_pl.demo", "--port", "70000"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "python -m lxmert_pl.demo: error: --port 70000: expected 0..65535"]

@@ -22,7 +22,8 @@ PROGRAM = "python -m lxmert_pl.demo"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="demo-lxrt", help="LXMERT weights: registry alias or path (default: %(default)s)")
+    parser.add_argument("--ckpt", default="demo-lxrt",
+                        help="LXMERT weights: registry alias or path (default: %(default)s)")
     parser.add_argument("--detector", default="demo-frcnn", help="detector alias or directory (default: %(default)s)")
     parser.add_argument("--mode", choices=("itm", "cosine"), default=None,
                         help="score shown first (default: itm when the checkpoint has a matching head, else cosine)")

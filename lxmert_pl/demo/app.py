@@ -82,8 +82,8 @@ def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: boo
             drawn = engine.draw(query, ranked.sentences[0])
         except LxmertPlError as err:
             raise _user_error(err) from None
-        return results_table(ranked), drawn, gr.Radio(choices=ranked.sentences, value=ranked.sentences[0],
-                                                      visible=True)
+        choice = gr.Radio(choices=ranked.sentences, value=ranked.sentences[0], visible=True)
+        return results_table(ranked), drawn, choice, engine.describe(query)
 
     def why(image, sentence):
         path, name = _file(image)
@@ -95,9 +95,12 @@ def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: boo
 
     with gr.Blocks(title="LXMERT image-text matching") as app:
         gr.Markdown("# LXMERT image–text matching\nDrop an image, type a few sentences (one a line) and press "
-                    "**Match**: the sentences come back sorted by how well they match, with the regions the model "
-                    "looked at.")
-        gr.Markdown("\n".join(f"- {line}" for line in weights_lines), elem_classes="weights-note")
+                    "**Match**: the sentences come back sorted by how well they match the image, and the picture "
+                    "shows the regions the model looked at for the one you choose.")
+        headline = [line.strip() for line in weights_lines if not line.startswith(" ")] or weights_lines[:1]
+        gr.Markdown("\n".join(f"- {line}" for line in headline), elem_classes="weights-note", elem_id="weights")
+        with gr.Accordion("Everything the loaders said", open=False):
+            gr.Code("\n".join(weights_lines), language=None, show_label=False)
         if demo_weights:
             gr.Markdown("**Bundled demo weights.** A tiny model trained on synthetic coloured shapes: its scores mean "
                         "something only on the sample scenes below. For real photos start the demo with "
@@ -111,20 +114,22 @@ def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: boo
                 mode = gr.Radio(choices=[(MODE_NAMES[m], m) for m in modes], value=modes[0], label="Score",
                                 visible=len(modes) > 1, elem_id="mode")
                 button = gr.Button("Match", variant="primary", elem_id="match")
+                if examples:
+                    gr.Examples([[str(e.path), e.text] for e in examples], inputs=[image, text],
+                                label="Sample scenes (the true caption, then two false ones)", elem_id="examples",
+                                examples_per_page=len(examples))
             with gr.Column(scale=7):
                 table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["number", "str", "number"],
                                      label="Sentences, best match first", interactive=False, elem_id="results",
-                                     column_widths=["12%", "68%", "20%"], wrap=True)
-                drawn = gr.Image(label="Detections; highlighted: the regions behind the chosen sentence",
-                                 type="pil", format="png", interactive=False, elem_id="drawn")
+                                     column_widths=["10%", "70%", "20%"], wrap=True)
                 chosen = gr.Radio(label="Show the regions behind", choices=[], visible=False, elem_id="chosen")
-        if examples:
-            gr.Examples([[str(e.path), e.text] for e in examples], inputs=[image, text], label="Sample scenes",
-                        examples_per_page=len(examples))
+                drawn = gr.Image(label="Regions: dashed yellow, the chosen sentence's attention (% of it)",
+                                 type="pil", format="png", interactive=False, elem_id="drawn")
+                note = gr.Markdown(elem_id="note")
 
         inputs = [image, text, mode]
-        button.click(match, inputs, [table, drawn, chosen], api_name="match", preprocess=False)
-        text.submit(match, inputs, [table, drawn, chosen], api_name=False, preprocess=False)
+        button.click(match, inputs, [table, drawn, chosen, note], api_name="match", preprocess=False)
+        text.submit(match, inputs, [table, drawn, chosen, note], api_name=False, preprocess=False)
         chosen.input(why, [image, chosen], drawn, api_name="why", preprocess=False)
         table.select(pick_row, None, chosen, api_name=False).then(why, [image, chosen], drawn, api_name=False,
                                                                   preprocess=False)
@@ -152,12 +157,12 @@ def load_demo(ckpt: str = "demo-lxrt", detector: str = "demo-frcnn", *, mode: st
 
         matcher = Matcher.from_pretrained(ckpt, detector=detector, device=device,
                                           **({} if mode is None else {"mode": mode}))
-    modes = tuple(matcher.modes)
+    modes = ("itm", "cosine") if matcher.model.has_matching_head else ("cosine",)
     if mode is not None:
         modes = (mode,) + tuple(m for m in modes if m != mode)
     weights_lines = matcher_weights_lines(matcher)
     demo = is_bundled_demo(ckpt)
-    engine = DemoEngine(matcher, SampleBoxes(), max_pixels=max_pixels or MAX_PIXELS)
+    engine = DemoEngine(matcher, SampleBoxes(), max_pixels=max_pixels or MAX_PIXELS, demo_weights=demo)
     app = build_app(engine, weights_lines=weights_lines, demo_weights=demo, examples=load_examples(), modes=modes)
     return app, "\n".join(weights_lines)
 

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lxmert_pl.demo.samples import SampleBoxes
+from lxmert_pl.drawing import draw_detections
 from lxmert_pl.errors import UserInputError
 
 MAX_PIXELS = 40_000_000  # the largest picture the page takes (width x height); the detector resizes it anyway
 MAX_SENTENCES = 16  # sentences per query
-DISPLAY_LONG_SIDE = 512  # the drawn picture is scaled up (never down) to about this long side, for legible labels
+DISPLAY_LONG_SIDE = 512  # a smaller picture is drawn scaled up to this long side, for legible labels ...
+DISPLAY_MAX_SIDE = 1024  # ... and a larger one scaled down to at most this (a quick page)
+MAX_DRAWN = 10  # detections drawn (the most confident); the attended ones always are
+MAX_ATTENDED = 3  # the "why": at most this many boxes, the ones holding most of the sentence's attention
 MODE_NAMES = {"itm": "P(matched)", "cosine": "cosine"}
 
 
@@ -56,11 +60,30 @@ def parse_sentences(text: str | None, limit: int = MAX_SENTENCES) -> list[str]:
     return sentences
 
 
-class DemoEngine:
-    """The demo's work on one loaded Matcher; `samples`: the bundled scenes' boxes (None: always detect)."""
+def top_attended(weights: np.ndarray, most: int = MAX_ATTENDED) -> list[tuple[int, float]]:
+    """(box, weight) of the boxes holding most attention: the largest first, at most `most`, each at least half
+    the largest one's weight."""
+    order = np.argsort(-weights, kind="stable")[:most]
+    return [(int(i), float(weights[i])) for i in order if weights[i] >= 0.5 * weights[order[0]]]
 
-    def __init__(self, matcher, samples: SampleBoxes | None = None, max_pixels: int = MAX_PIXELS):
+
+def detection_labels(detections) -> list[str]:
+    """A label per detected box: the Matcher's (from the detector's vocabulary) when it gives them."""
+    labels = getattr(detections, "labels", None)
+    if labels is not None:
+        return list(labels)
+    record = detections.features
+    return [f"class {int(c)} {p:.2f}" for c, p in zip(record.objects_id, record.objects_conf)]
+
+
+class DemoEngine:
+    """The demo's work on one loaded Matcher; `samples`: the bundled scenes' boxes (None: always detect);
+    `demo_weights`: the bundled demo weights are loaded (its detector means nothing outside the sample scenes)."""
+
+    def __init__(self, matcher, samples: SampleBoxes | None = None, max_pixels: int = MAX_PIXELS,
+                 demo_weights: bool = False):
         self.matcher = matcher
+        self.demo_weights = demo_weights
         self.samples = samples
         self.max_pixels = max_pixels
         self._queries: OrderedDict[str, Query] = OrderedDict()  # upload path -> checked image (uploads never change)
@@ -82,8 +105,7 @@ class DemoEngine:
                     raise UserInputError(
                         f"{name} is too large: {width} x {height} = {width * height / 1e6:.3g} megapixels; "
                         f"the limit is {self.max_pixels / 1e6:g} megapixels")
-                probe.load()
-                image = probe.copy()
+                image = ImageOps.exif_transpose(probe)  # as the Matcher reads it: its boxes are in these pixels
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
             if isinstance(err, Image.DecompressionBombError):
                 raise UserInputError(f"{name} is too large (the limit is {self.max_pixels / 1e6:g} megapixels)")
@@ -100,17 +122,39 @@ class DemoEngine:
     def rank(self, query: Query, sentences: list[str], mode: str | None = None) -> Ranked:
         """Score every sentence against the image (one `Matcher.score` call) and sort them, best first."""
         mode = mode or self.matcher.mode
-        scores = np.asarray(self.matcher.score(query.path, sentences, given_boxes=self._given(query), mode=mode))
+        scores = np.asarray(self.matcher.score(query.path, sentences, given_boxes=self._given(query)))
         order = np.argsort(-scores, kind="stable")
         return Ranked([sentences[i] for i in order], scores[order], mode)
 
     def draw(self, query: Query, sentence: str | None = None) -> Image.Image:
-        """The image with its detections, and `sentence`'s attended boxes highlighted when one is given."""
-        given = self._given(query)
-        detections = self.matcher.detect(query.path, given_boxes=given)
-        attended = () if sentence is None else self.matcher.explain(query.path, sentence, given_boxes=given)
-        scale = max(1, DISPLAY_LONG_SIDE // max(query.image.size))
-        return self.matcher.draw(query.path, detections, attended=attended, scale=scale)
+        """The image with its detections (the most confident `MAX_DRAWN` of them), and `sentence`'s attended boxes
+        highlighted (dashed, with their share of the attention) when one is given."""
+        detections = self.matcher.detect(query.path, given_boxes=query.given_boxes)
+        record = detections.features
+        order = np.argsort(-record.objects_conf, kind="stable")  # most confident first: they are the ones drawn
+        labels = detection_labels(detections)
+        attended = ()
+        if sentence is not None:
+            weights = self.explain(query, sentence)
+            position = {int(box): rank for rank, box in enumerate(order)}
+            attended = [(position[i], w) for i, w in top_attended(weights)]
+        long_side = min(max(DISPLAY_LONG_SIDE, max(query.image.size)), DISPLAY_MAX_SIDE)
+        return draw_detections(query.image, record.boxes[order], [labels[i] for i in order], attended=attended,
+                               max_boxes=MAX_DRAWN, long_side=long_side)
+
+    def explain(self, query: Query, sentence: str) -> np.ndarray:
+        """The weight of each detected box in the sentence's last cross-layer attention (sums to 1)."""
+        return np.asarray(self.matcher.explain(query.path, sentence, given_boxes=query.given_boxes), dtype=float)
+
+    def describe(self, query: Query) -> str:
+        """One line under the drawing: where the boxes come from (and a warning where they mean nothing)."""
+        if query.sample_id is not None:
+            return (f"{query.sample_id}: a bundled sample scene; its regions are the scene's own boxes "
+                    "(data/sample/boxes.json), as `python eval.py` uses them.")
+        if self.demo_weights:
+            return ("Not one of the sample scenes: the bundled demo detector is not trained to detect, so these "
+                    "boxes and scores mean nothing here (start the demo with real weights for your own pictures).")
+        return f"{query.name}: the detector's boxes."
 
     def _given(self, query: Query):
         return None if query.given_boxes is None else [query.given_boxes]
