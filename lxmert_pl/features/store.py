@@ -204,6 +204,31 @@ def convert_tsvs_to_store(
     return FeatureStore(out_dir)
 
 
+def write_store(records: Sequence[ImageFeatures], out_dir: str | Path, sources: Sequence[dict] = ()) -> Path:
+    """Write `records` (unique img_ids) as a new float32 store at `out_dir`, atomically (a temporary directory
+    renamed into place; an existing `out_dir` is replaced). `sources`: what the rows were made from, recorded in
+    meta.json. Used for stores made in memory (the detections cache of `lxmert_pl.detection_cache`)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    temp_dir.mkdir()
+    try:
+        writer = _StoreWriter(temp_dir, "float32")
+        try:
+            for record in records:
+                writer.add(record, f"img_id {record.img_id!r}")
+        except BaseException:
+            writer.release()
+            raise
+        writer.finish(list(sources))
+        _move_into_place(temp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def _check_disjoint(readers: Sequence[TsvReader]) -> None:
     owner: dict[str, TsvReader] = {}
     for reader in readers:

@@ -1,0 +1,483 @@
+"""One object from raw images and sentences to scores: `Matcher`.
+
+    from lxmert_pl import Matcher
+    matcher = Matcher.from_pretrained("lxr955", detector="frcnn-vg-finetuned")
+    matcher.score("dog.jpg", ["a dog on a couch", "a plane in the sky"])     # array of P(matched), one per sentence
+
+It ties together the registry (aliases or paths, as eval.py takes them), the Faster R-CNN detector (images ->
+region features, with the box selection or at given boxes), a cache of detections keyed by image content
+(`lxmert_pl.detection_cache`) and the LXMERT scoring code:
+
+* `score(images, texts)`: element-wise pairs (image i with text i; one image or one text is broadcast). The pairs
+  go through eval.py's forward (`scoring.forward_batch`) in the same batches as eval.py, so they get eval.py's
+  scores; within a batch a repeated image or sentence is encoded once (`factorize="auto"`, as eval.py). A broadcast
+  (one image, many texts or the reverse) is a one-row grid and goes through `rank`'s factorized path.
+* `rank(images, texts, k=None)`: the full image x text grid, each image and each text encoded once
+  (`lxmert_pl.retrieval.Retriever`), or a first stage + top-k re-ranking; with the ground truth
+  (`text_image[j]` = the index of text j's image) the retrieval metrics too.
+* `detect(image)`: the detections (boxes in pixels, ids, confidences, features).
+
+Images: a file path, a `PIL.Image` (any mode: converted, EXIF orientation applied), a numpy **RGB** uint8 array
+(h, w, 3) (see `lxmert_pl.detector.image_input`), an `ImageFeatures` record (precomputed detections), or an img_id
+of a feature file passed as `features=`. `Scorer` (lxmert_pl.scoring) stays the low-level API on features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lxmert_pl.detection_cache import DEFAULT_MEMORY_SIZE, DetectionCache, detection_key, settings_digest
+from lxmert_pl.errors import UserInputError
+from lxmert_pl.features.record import ImageFeatures, box_problem
+from lxmert_pl.model.heads import LxmertMatchingModel
+from lxmert_pl.retrieval import Retriever, check_k, check_mode, pick_score
+from lxmert_pl.scoring import check_feature_width, forward_batch, pad_boxes, precision_dtype
+from lxmert_pl.tokenizer import LxmertTokenizer
+
+DEFAULT_CKPT = "lxr955"
+DEFAULT_DETECTOR = "frcnn-vg-finetuned"
+PROGRESS_MIN_IMAGES = 8  # a progress bar is shown when at least this many images need the detector
+
+ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray | ImageFeatures
+
+
+@dataclass
+class Detections:
+    """The detections of one image: `features.boxes` (n, 4) x1 y1 x2 y2 in pixels of the (EXIF-rotated) image,
+    object / attribute ids and confidences, region features (n, D); `name`: the file name, or "image #i"."""
+
+    name: str
+    features: ImageFeatures
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.features.boxes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image in pixels."""
+        return self.features.img_w, self.features.img_h
+
+    def __len__(self) -> int:
+        return self.features.num_boxes
+
+
+@dataclass
+class RankResult:
+    """`scores` [num_images, num_texts]: each image's scores of the texts (i2t); `t2i_scores` the same for the
+    text -> image direction (equal to `scores` on the full grid; with top-k each keeps its own candidates, the rest
+    -inf); `first_stage`: the first stage's scores (top-k only, else None); `metrics`: the retrieval metrics
+    (R@1/5/10 both ways, ranks, RSUM; see lxmert_pl.metrics) when the ground truth was given, else {}."""
+
+    scores: np.ndarray
+    t2i_scores: np.ndarray
+    first_stage: np.ndarray | None
+    metrics: dict[str, float]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto": cuda when available, else cpu; anything else as torch reads it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def box_selection_of(boxes: Any):
+    """`boxes=36` (fixed count), `(10, 100)` (adaptive min/max) or a `BoxSelection`."""
+    from lxmert_pl.detector.selection import BoxSelection
+
+    if isinstance(boxes, BoxSelection):
+        return boxes
+    if isinstance(boxes, (int, np.integer)) and not isinstance(boxes, bool):
+        low = high = int(boxes)
+    elif isinstance(boxes, (tuple, list)) and len(boxes) == 2 and all(isinstance(b, (int, np.integer)) for b in boxes):
+        low, high = int(boxes[0]), int(boxes[1])
+    else:
+        raise UserInputError(f"boxes must be a box count (36) or a (min, max) pair such as (10, 100), got {boxes!r}")
+    if not 1 <= low <= high:
+        raise UserInputError(f"boxes: need 1 <= min <= max, got {low}, {high}")
+    return BoxSelection(low, high)
+
+
+def _as_list(value: Any, what: str) -> list:
+    """A single item (a string, path, image, array, record) as a one-item list; a list/tuple as is."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise UserInputError(f"no {what}: got an empty list")
+    return items
+
+
+def broadcast_length(num_images: int, num_texts: int) -> int:
+    """Element-wise pairs: equal lengths, or one image / one text for all."""
+    if num_images == num_texts or num_texts == 1 or num_images == 1:
+        return max(num_images, num_texts)
+    raise UserInputError(f"got {num_images} images and {num_texts} texts: score() pairs them element-wise, so "
+                         "give as many of each, or one image (or one text) for all; rank() scores every image "
+                         "against every text")
+
+
+class Matcher:
+    """Scores raw images against sentences with LXMERT (see the module docstring).
+
+    Build it with `from_pretrained`, or from loaded parts: `model` (an `LxmertMatchingModel`), `detector` (a loaded
+    `BottomUpFasterRCNN`, or None to take precomputed detections only). `report` says which weights were loaded.
+    `features`: a feature file / store (or a loaded source) whose img_ids may be passed as images.
+    """
+
+    def __init__(
+        self,
+        model: LxmertMatchingModel,
+        detector: Any = None,
+        *,
+        mode: str = "itm",
+        boxes: Any = 36,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        cache_dir: str | Path | None = None,
+        features: Any = None,
+        tokenizer: LxmertTokenizer | None = None,
+        batch_size: int = 32,
+        factorize: str = "auto",
+        detector_batch_size: int = 4,
+        memory_cache: int = DEFAULT_MEMORY_SIZE,
+        progress: bool = True,
+        report: str = "",
+        detector_digests: Mapping[str, str] | None = None,
+        detector_name: str = "detector in memory",
+    ):
+        check_mode(model, mode)
+        self.device = resolve_device(device)
+        self.model = model.eval().to(device=self.device, dtype=precision_dtype(precision))
+        self.mode = mode
+        self.precision = precision
+        self.tokenizer = tokenizer or LxmertTokenizer()
+        self.batch_size = batch_size
+        self.detector_batch_size = detector_batch_size
+        self.progress = progress
+        self.report = report
+        self.selection = box_selection_of(boxes)
+        self.detector = None if detector is None else detector.to(self.device)
+        self._detector_digests = dict(detector_digests) if detector_digests else None
+        self._detector_name = detector_name
+        self._settings: dict[bool, str] = {}  # given boxes? -> settings digest
+        self.cache = DetectionCache(memory_cache, cache_dir)
+        self.features = self._open_features(features)
+        self.detector_calls = 0  # forward passes of the detector (a batch of images each)
+        self.images_detected = 0
+        self.factorize = factorize
+        self._retriever = Retriever(self.model, self.tokenizer, device=self.device, mode=mode, batch_size=batch_size)
+        self._said_truncation = False
+
+    # ---- construction ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt: str | Path = DEFAULT_CKPT,
+        detector: str | Path | None = DEFAULT_DETECTOR,
+        *,
+        mode: str = "itm",
+        boxes: Any = 36,
+        geometry: str | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        cache_dir: str | Path | None = None,
+        model_config: str | Path | None = None,
+        detector_config: str | Path | None = None,
+        detector_precision: str = "fp32",
+        **kwargs: Any,
+    ) -> Matcher:
+        """Load LXMERT weights and a detector by registry alias or path, as eval.py does (`--ckpt`, `--detector`,
+        `--mode`, `--boxes`, detector.geometry / precision). `detector=None`: no detector (precomputed detections
+        only). `boxes`: 36 (obj36) or (10, 100) (adaptive). `device`: "auto" (cuda when available), "cpu", "cuda".
+        `precision`: "fp32" | "bf16" for LXMERT; `detector_precision` for the detector's RoI head. `cache_dir`: keep
+        detections on disk there (reused by later processes). Other keyword arguments go to `Matcher(...)`.
+        `matcher.report` says which weights were loaded."""
+        from lxmert_pl.model.loading import load_lxmert
+        from lxmert_pl.registry import resolve_checkpoint
+
+        resolved = resolve_checkpoint(str(ckpt))
+        model, lxrt_report = load_lxmert(resolved.path, model_config=model_config,
+                                         require=("matching",) if mode == "itm" else ())
+        lines = [f"Weights: {resolved.describe()}", f"  {lxrt_report.summary()}"]
+        device = resolve_device(device)
+        loaded_detector = digests = None
+        name = "none"
+        if detector is not None:
+            from lxmert_pl.detector import choose_geometry, load_detector
+            from lxmert_pl.detector.extraction import detector_file_digests
+
+            detector_ckpt = resolve_checkpoint(str(detector))
+            loaded_detector, detector_report = load_detector(
+                detector_ckpt.path, config=detector_config, device=device,
+                geometry=choose_geometry(geometry, detector_ckpt.geometry, "geometry"), precision=detector_precision,
+            )
+            digests = detector_file_digests(detector_report)
+            name = str(detector_ckpt.path)
+            lines += [f"Detector: {detector_ckpt.describe()}", f"  {detector_report.summary()}"]
+        return cls(model, loaded_detector, mode=mode, boxes=boxes, device=device, precision=precision,
+                   cache_dir=cache_dir, report="\n".join(lines), detector_digests=digests, detector_name=name,
+                   **kwargs)
+
+    @staticmethod
+    def _open_features(features: Any):
+        if features is None or hasattr(features, "get"):
+            return features
+        from lxmert_pl.features.sources import open_feature_source
+
+        return open_feature_source(features)
+
+    # ---- scoring ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], *,
+              given_boxes: Any = None, features: Any = None) -> np.ndarray:
+        """Score pair i = (images[i], texts[i]): P(matched) ("itm") or the max-box cosine ("cosine"), float32 [P].
+
+        One image with many texts, or many images with one text, is broadcast. `given_boxes`: per image (aligned
+        with `images`) None or [[x1, y1, x2, y2], ...] in pixels, or a dict / boxes JSON file {img_id: boxes} keyed
+        by file name without extension (as eval.py's --given-boxes): features are extracted at these boxes instead
+        of the detected ones. `features`: a feature file / store whose img_ids may be given as images.
+        """
+        image_list, text_list = _as_list(images, "images"), self._texts(texts)
+        count = broadcast_length(len(image_list), len(text_list))
+        keys, records = self._resolve(image_list, given_boxes, features)
+        if count > 1 and (len(image_list) == 1 or len(text_list) == 1):
+            grid = self._grid(records, text_list)
+            return grid[0] if len(image_list) == 1 else grid[:, 0]
+        return self._elementwise(keys, records, text_list)
+
+    @torch.inference_mode()
+    def rank(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], k: int | None = None, *,
+             text_image: Sequence[int] | None = None, given_boxes: Any = None, features: Any = None) -> RankResult:
+        """Every image against every text: `RankResult.scores` [num_images, num_texts], each image and text encoded
+        once. `k`: None for the full grid, or a first stage (no cross layers) keeping each query's top-k for the
+        matching head. `text_image[j]`: the index (in `images`) of text j's image, for the retrieval metrics."""
+        check_k(k)
+        image_list, text_list = _as_list(images, "images"), self._texts(texts)
+        if text_image is not None and len(text_image) != len(text_list):
+            raise UserInputError(f"text_image has {len(text_image)} entries for {len(text_list)} texts (one image "
+                                 "index per text)")
+        records = self.image_features(image_list, given_boxes=given_boxes, features=features)
+        feats, boxes = self._arrays(records)
+        if text_image is None:
+            result = self._retriever.rerank(text_list, feats, boxes, k)
+        else:
+            result = self._retriever.evaluate(text_list, feats, boxes, list(text_image), k)
+        first = None if result.first_stage is None else result.first_stage.numpy()
+        return RankResult(result.i2t_scores.numpy(), result.t2i_scores.numpy(), first, dict(result.metrics))
+
+    def _grid(self, records: list[ImageFeatures], texts: list[str]) -> np.ndarray:
+        feats, boxes = self._arrays(records)
+        return self._retriever.rerank(texts, feats, boxes, None).i2t_scores.numpy()
+
+    def _elementwise(self, keys: list[str], records: list[ImageFeatures], texts: list[str]) -> np.ndarray:
+        """Pairs `batch_size` at a time through eval.py's forward (`scoring.forward_batch`, `factorize`): the same
+        batches as eval.py's for the same pairs in the same order, hence the same scores."""
+        feats, boxes = self._arrays(records)
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            batch = self.tokenizer(texts[part])
+            batch["features"], batch["boxes"], batch["box_mask"] = pad_boxes(feats[part], boxes[part])
+            batch = {name: value.to(self.device) for name, value in batch.items()}
+            batch["img_id"] = keys[part]
+            out.append(pick_score(forward_batch(self.model, batch, self.factorize), self.mode).numpy())
+        return np.concatenate(out)
+
+    def _arrays(self, records: list[ImageFeatures]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per-image features and normalised boxes (as the datamodule feeds the model); checks the width once."""
+        for record in {id(r): r for r in records}.values():
+            check_feature_width(self.model, record.features, record.img_id)
+        return [r.features for r in records], [r.normalized_boxes() for r in records]
+
+    def _texts(self, texts: str | Sequence[str]) -> list[str]:
+        """Texts as a list; empty ones are errors; longer than the model's input: truncated, said once."""
+        text_list = _as_list(texts, "texts")
+        for i, text in enumerate(text_list):
+            if not isinstance(text, str):
+                raise UserInputError(f"text #{i} is a {type(text).__name__}, expected a string: {text!r}")
+            if not text.strip():
+                raise UserInputError(f"text #{i} is empty or whitespace-only: {text!r}")
+        if not self._said_truncation:
+            limit = self.tokenizer.max_seq_length - 2
+            long = [t for t in dict.fromkeys(text_list) if len(self.tokenizer.tokenize(t)) > limit]
+            if long:
+                self._said_truncation = True
+                warnings.warn(f"{len(long)} text(s) are longer than {limit} word pieces and were truncated to their "
+                              f"first {limit} ({self.tokenizer.max_seq_length} tokens with [CLS]/[SEP], as LXMERT "
+                              f"was trained), e.g. {long[0]!r}; said once", UserWarning, stacklevel=3)
+        return text_list
+
+    # ---- detections ------------------------------------------------------------------------------------------------
+    def detect(self, image: ImageInput, *, given_boxes: Any = None, features: Any = None) -> Detections:
+        """The detections of one image (from the cache when it was seen before)."""
+        record = self.image_features([image], given_boxes=None if given_boxes is None else [given_boxes],
+                                     features=features)[0]
+        return Detections(_name_of(image, 0), record)
+
+    def image_features(self, images: Sequence[ImageInput], *, given_boxes: Any = None,
+                       features: Any = None) -> list[ImageFeatures]:
+        """One `ImageFeatures` per image: precomputed, from a feature file, from the cache, or detected now (the
+        images that need the detector run in batches of `detector_batch_size`, with a progress bar)."""
+        return self._resolve(list(images), given_boxes, features)[1]
+
+    def _resolve(self, images: list[ImageInput], given_boxes: Any,
+                 features: Any) -> tuple[list[str], list[ImageFeatures]]:
+        """(keys, records): per image, a key that is equal for rows of the same image content (and boxes), and its
+        `ImageFeatures`."""
+        source = self._open_features(features) if features is not None else self.features
+        boxes_of = _given_boxes_lookup(given_boxes, images)
+        out: list[ImageFeatures | None] = [None] * len(images)
+        keys: list[str] = [""] * len(images)
+        todo: dict[str, tuple[np.ndarray, np.ndarray | None, str, list[int]]] = {}  # key -> (bgr, boxes, name, rows)
+        decoded: dict[Any, tuple[str, np.ndarray, np.ndarray | None]] = {}  # one decode per input object and call
+        for row, image in enumerate(images):
+            name = _name_of(image, row)
+            if isinstance(image, ImageFeatures):
+                if boxes_of(row, image) is not None:
+                    raise UserInputError(f"{name}: given boxes cannot apply to precomputed detections")
+                out[row], keys[row] = image, f"record {id(image)}"
+                continue
+            if isinstance(image, str) and source is not None and image in source:
+                out[row], keys[row] = source.get(image), f"feature file {id(source)} {image}"
+                continue
+            memo = (image if isinstance(image, (str, Path)) else id(image), id(boxes_of(row, image)))
+            if memo not in decoded:
+                decoded[memo] = self._keyed_image(image, name, boxes_of(row, image), source)
+            key, bgr, boxes = decoded[memo]
+            keys[row] = key
+            if key in todo:
+                todo[key][3].append(row)
+                continue
+            cached = self.cache.get(key)
+            if cached is not None:
+                out[row] = dataclasses.replace(cached, img_id=_row_id(name))
+            else:
+                todo[key] = (bgr, boxes, name, [row])
+        for key, record in self._run_detector(todo).items():
+            for row in todo[key][3]:
+                out[row] = dataclasses.replace(record, img_id=_row_id(_name_of(images[row], row)))
+        return keys, out  # type: ignore[return-value]
+
+    def _keyed_image(self, image: ImageInput, name: str, boxes: np.ndarray | None,
+                     source: Any) -> tuple[str, np.ndarray, np.ndarray | None]:
+        from lxmert_pl.detector.image_input import to_bgr
+
+        if isinstance(image, (str, Path)) and not Path(image).exists():
+            known = f" nor an img_id of {source.describe()}" if source is not None else ""
+            raise FileNotFoundError(2, f"image file not found{known}", str(image))
+        bgr = to_bgr(image, name)
+        if boxes is not None:
+            problem = box_problem(boxes, bgr.shape[1], bgr.shape[0])
+            if problem or not len(boxes):
+                raise UserInputError(f"given boxes of {name}: {problem or 'no boxes'}")
+        if self.detector is None:
+            raise UserInputError(f"{name}: this Matcher has no detector (detector=None): pass precomputed detections "
+                                 "(ImageFeatures, or img_ids with features=FILE)")
+        return detection_key(self._settings_digest(boxes is not None), bgr, boxes), bgr, boxes
+
+    def _settings_digest(self, given: bool) -> str:
+        if given not in self._settings:
+            from lxmert_pl.detector.extraction import extraction_settings, state_dict_digest
+
+            digests = self._detector_digests or {"state_dict": state_dict_digest(self.detector)}
+            settings = extraction_settings(self.detector, self._detector_name, digests, self.selection,
+                                           {} if given else None, None)
+            self._settings[given] = settings_digest(settings)
+        return self._settings[given]
+
+    def _run_detector(self, todo: dict) -> dict[str, ImageFeatures]:
+        keys = list(todo)
+        found: dict[str, ImageFeatures] = {}
+        show = self.progress and len(keys) >= PROGRESS_MIN_IMAGES
+        with tqdm(total=len(keys), unit="img", desc="detect", disable=not show) as bar:
+            for start in range(0, len(keys), self.detector_batch_size):
+                part = keys[start : start + self.detector_batch_size]
+                given = [todo[k][1] for k in part]
+                rows = self.detector.extract([todo[k][0] for k in part], part, self.selection,
+                                             None if all(g is None for g in given) else given)
+                self.detector_calls += 1
+                self.images_detected += len(part)
+                for key, record in zip(part, rows, strict=True):
+                    if not record.num_boxes:
+                        raise UserInputError(f"{todo[key][2]}: the detector found no boxes")
+                    self.cache.put(key, record, {"image": todo[key][2]})
+                    found[key] = record
+                bar.update(len(part))
+        return found
+
+
+def _row_id(name: str) -> str:
+    """An img_id for a detected image's record: its name with characters a TSV id cannot hold replaced."""
+    return "".join(c if c.isprintable() and c not in "\t\r\n" else "_" for c in name) or "image"
+
+
+def _name_of(image: ImageInput, row: int) -> str:
+    """A file's name without extension (its img_id), a record's img_id, else "image #row"."""
+    if isinstance(image, (str, Path)):
+        return Path(image).stem
+    if isinstance(image, ImageFeatures):
+        return image.img_id
+    return f"image #{row}"
+
+
+def _given_boxes_lookup(given_boxes: Any, images: Sequence[ImageInput]):
+    """A function (row, image) -> float32 (R, 4) boxes or None, from `given_boxes`: None, a boxes JSON file, a dict
+    {img_id: boxes} (img_id = file name without extension), or a sequence aligned with `images`."""
+    if given_boxes is None:
+        return lambda row, image: None
+    if isinstance(given_boxes, (str, Path)):
+        from lxmert_pl.detector.extraction import load_given_boxes
+
+        given_boxes = load_given_boxes(given_boxes)
+    if isinstance(given_boxes, Mapping):
+        table = {str(k): v for k, v in given_boxes.items()}
+        checked: dict[str, np.ndarray] = {}
+
+        def by_name(row: int, image: ImageInput) -> np.ndarray | None:
+            if isinstance(image, ImageFeatures):
+                return None
+            if not isinstance(image, (str, Path)):
+                raise UserInputError(f"image #{row}: given boxes keyed by img_id need image paths (the key is the "
+                                     "file name without extension); for PIL images or arrays pass a list of boxes, "
+                                     "one entry per image")
+            name = Path(image).stem
+            if name not in table:
+                raise UserInputError(f"no given boxes for img_id {name!r} ({image})")
+            if name not in checked:
+                checked[name] = _boxes_array(table[name], f"given_boxes[{name!r}]")
+            return checked[name]
+
+        return by_name
+    entries = list(given_boxes)
+    if len(entries) != len(images):
+        raise UserInputError(f"given_boxes has {len(entries)} entries for {len(images)} images (one list of "
+                             "[x1, y1, x2, y2] boxes, or None, per image)")
+    arrays = [None if e is None else _boxes_array(e, f"given_boxes[{i}]") for i, e in enumerate(entries)]
+    return lambda row, image: arrays[row]
+
+
+def _boxes_array(value: Any, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{where}: not a list of [x1, y1, x2, y2] boxes") from None
+    array = array.reshape(0, 4) if array.size == 0 else array
+    problem = box_problem(array)
+    if problem:
+        raise UserInputError(f"{where}: {problem}")
+    return array
+
+
+__all__ = ["Matcher", "Detections", "RankResult", "DEFAULT_CKPT", "DEFAULT_DETECTOR"]
