@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +79,14 @@ def served():
     from lxmert_pl.demo.app import launch_app, load_demo
 
     matcher = Matcher.from_pretrained("demo-lxrt", detector="demo-frcnn", device="cpu")
+    run = matcher.detector.extract
+    matcher.detector.runs = 0  # counted here, on the detector itself: whichever Matcher object the page asks
+
+    def counted(*args, **kwargs):
+        matcher.detector.runs += 1
+        return run(*args, **kwargs)
+
+    matcher.detector.extract = counted
     app, summary = load_demo("demo-lxrt", "demo-frcnn", matcher=matcher, max_pixels=SMALL_LIMIT)
     url = launch_app(app, port=0)
     assert url.startswith("http://127.0.0.1:")
@@ -97,7 +104,7 @@ def test_the_page_ranks_with_matcher_scores_and_reuses_the_detections(served, cl
     example = load_examples()[0]
     upload = tmp_path / "my photo.png"  # another name: the page finds the scene's boxes by its pixels
     shutil.copy(example.path, upload)
-    before = matcher.detector_calls
+    before = matcher.detector.runs
     table, drawn, chosen, note = client.predict(gradio_client.handle_file(str(upload)), example.text, "itm",
                                           api_name="/match")
     sentences, scores = [row[1] for row in table["data"]], [row[2] for row in table["data"]]
@@ -106,19 +113,19 @@ def test_the_page_ranks_with_matcher_scores_and_reuses_the_detections(served, cl
     boxes = SampleBoxes().boxes(example.img_id)
     expected = matcher.score(str(example.path), sentences, given_boxes=[boxes])
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
-    assert matcher.detector_calls == before + 1  # one detection for the upload; Matcher.score above: cached
+    assert matcher.detector.runs == before + 1  # one detection for the upload; Matcher.score above: cached
     assert chosen["value"] == sentences[0]
     assert note.startswith("sample_val_000000: a bundled sample scene")
     assert Image.open(drawn).size[0] >= 2 * Image.open(upload).size[0]  # drawn larger, for legible labels
 
     table, _, _, _ = client.predict(gradio_client.handle_file(str(upload)), "a red circle\na small green triangle\n"
                                  "an orange diamond", "cosine", api_name="/match")
-    assert matcher.detector_calls == before + 1  # same image, new sentences: no detector
+    assert matcher.detector.runs == before + 1  # same image, new sentences: no detector
     cosine = [row[2] for row in table["data"]]
     assert all(-1.0 <= c <= 1.0 for c in cosine) and cosine == sorted(cosine, reverse=True)
     why = client.predict(gradio_client.handle_file(str(upload)), "a red circle", api_name="/why")
     assert Image.open(why).size == Image.open(drawn).size
-    assert matcher.detector_calls == before + 1
+    assert matcher.detector.runs == before + 1
 
 
 def test_the_page_says_what_is_wrong_instead_of_a_traceback(served, client, tmp_path):
@@ -147,12 +154,14 @@ def test_the_page_in_a_browser_runs_an_example(served, tmp_path):
         page.click("#examples tr.tr-body")  # the first sample scene fills the image and the sentences ...
         page.wait_for("#image img")
         page.click("#match")  # ... and the page's own button runs it
-        page.wait_for("#results tbody", text=example.sentences[0], timeout=60)
+        page.wait_for("#results [role=grid]", text=example.sentences[0], timeout=60)
         page.wait_for("#drawn img", timeout=30)
-        first = page.run("return document.querySelector('#results tbody tr').innerText")
-        assert example.sentences[0] in first
+        rows = page.run("return Array.from(document.querySelectorAll('#results [role=row]'))"
+                        ".filter(r => r.querySelector('[role=gridcell]')).map(r => r.innerText)")
+        assert len(rows) == 3 and example.sentences[0] in rows[0], rows  # the true caption on top
         drawn = page.run("const i = document.querySelector('#drawn img'); return [i.complete, i.naturalWidth]")
         assert drawn[0] and drawn[1] > 300
+        page.run("window.scrollTo(0, 0)")
         shot = page.take_screenshot(tmp_path / "demo_page.png")
         assert page.new_console_errors() == [] and page.console_errors == []
     assert shot.stat().st_size > 10_000
@@ -161,36 +170,24 @@ def test_the_page_in_a_browser_runs_an_example(served, tmp_path):
 # ------------------------------------------------------------------------------------------- the command
 
 
-def test_the_command_serves_the_demo_on_this_machine_only_and_says_where(tmp_path):
-    import signal
+def test_the_command_serves_the_demo_on_this_machine_only_and_says_where(capsys):
     import subprocess
     import sys
     import urllib.request
 
-    from lxmert_pl.demo.app import free_port
+    from lxmert_pl.demo.__main__ import parse_args, serve
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lxmert_pl.demo", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    app = serve(parse_args(["--port", "0"]))  # what `python -m lxmert_pl.demo` does before it waits for Ctrl-C
     try:
-        lines = []
-        for line in process.stdout:  # until it says where the page is
-            lines.append(line)
-            if line.startswith("Demo page:") or len(lines) > 200:
-                break
-        out = "".join(lines)
-        assert f"Demo page: http://127.0.0.1:{port}/" in out, out
-        assert "BUNDLED DEMO" in out and "gradio.live" not in out
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+        out = capsys.readouterr().out
+        url = out.split("Demo page: ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:") and app.share_url is None, out
+        assert "BUNDLED DEMO" in out  # which weights: the Matcher's report
+        with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        app.close()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     bad = subprocess.run([sys.executable, "-m", "lxmert_pl.demo", "--port", "70000"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

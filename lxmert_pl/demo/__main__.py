@@ -36,19 +36,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def serve(args: argparse.Namespace):
+    """Load the weights, serve the page without blocking and say where it is; returns the app (`app.close()`)."""
+    if not 0 <= args.port < 65536:
+        raise UserInputError(f"--port {args.port}: expected 0..65535")
+    start = time.perf_counter()
+    from lxmert_pl.demo.app import launch_app, load_demo
+
+    app, report = load_demo(args.ckpt, args.detector, mode=args.mode, device=args.device,
+                            max_pixels=int(args.max_megapixels * 1e6))
+    print(report, flush=True)
+    url = launch_app(app, host=args.host, port=args.port)
+    print(f"Demo page: {url}  (ready in {time.perf_counter() - start:.1f} s; Ctrl-C stops it)", flush=True)
+    return app
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with user_errors(PROGRAM):
-        if not 0 <= args.port < 65536:
-            raise UserInputError(f"--port {args.port}: expected 0..65535")
-        start = time.perf_counter()
-        from lxmert_pl.demo.app import launch_app, load_demo
-
-        app, summary = load_demo(args.ckpt, args.detector, mode=args.mode, device=args.device,
-                                 max_pixels=int(args.max_megapixels * 1e6))
-        print(summary, flush=True)
-        url = launch_app(app, host=args.host, port=args.port)
-        print(f"Demo page: {url}  (ready in {time.perf_counter() - start:.1f} s; Ctrl-C stops it)", flush=True)
+        app = serve(args)
     try:
         app.block_thread()
     except KeyboardInterrupt:

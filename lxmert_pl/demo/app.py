@@ -68,10 +68,11 @@ def _file(payload) -> tuple[str | None, str | None]:
     return payload.get("path"), payload.get("orig_name")
 
 
-def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: bool,
+def build_app(engine: DemoEngine, *, headline: list[str], report: str, demo_weights: bool,
               examples: list[Example] = (), modes: tuple[str, ...] = ("itm",)) -> gr.Blocks:
-    """The page. `weights_lines`: which weights are loaded (shown on it); `demo_weights`: add the bundled-demo
-    warning; `modes`: the score modes the checkpoint offers (a switch when there are two)."""
+    """The page. `headline`: which weights are loaded, a line each (shown on it); `report`: everything the loaders
+    said (folded); `demo_weights`: add the bundled-demo warning; `modes`: the score modes the checkpoint offers (a
+    switch when there are two)."""
 
     def match(image, text, mode):
         path, name = _file(image)
@@ -97,10 +98,9 @@ def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: boo
         gr.Markdown("# LXMERT image–text matching\nDrop an image, type a few sentences (one a line) and press "
                     "**Match**: the sentences come back sorted by how well they match the image, and the picture "
                     "shows the regions the model looked at for the one you choose.")
-        headline = [line.strip() for line in weights_lines if not line.startswith(" ")] or weights_lines[:1]
         gr.Markdown("\n".join(f"- {line}" for line in headline), elem_classes="weights-note", elem_id="weights")
         with gr.Accordion("Everything the loaders said", open=False):
-            gr.Code("\n".join(weights_lines), language=None, show_label=False)
+            gr.Code(report, language=None, show_label=False)
         if demo_weights:
             gr.Markdown("**Bundled demo weights.** A tiny model trained on synthetic coloured shapes: its scores mean "
                         "something only on the sample scenes below. For real photos start the demo with "
@@ -136,41 +136,39 @@ def build_app(engine: DemoEngine, *, weights_lines: list[str], demo_weights: boo
     return app
 
 
-def is_bundled_demo(ckpt: str) -> bool:
-    """True when `ckpt` names the registry's bundled demo weights (never for a path, whatever its name)."""
+def describe_weights(name: str) -> tuple[str, bool]:
+    """("alias (path)" or the path, is it the registry's bundled demo?) for a checkpoint or detector name."""
     from lxmert_pl.registry import resolve_checkpoint
 
     try:
-        return resolve_checkpoint(ckpt, download=False, progress=False).is_bundled_demo
+        resolved = resolve_checkpoint(name, download=False, progress=False)
     except LxmertPlError:
-        return False
+        return str(name), False
+    path = resolved.source or str(resolved.path)
+    return (f"`{resolved.alias}` ({path})" if resolved.alias else f"`{path}`"), resolved.is_bundled_demo
 
 
 def load_demo(ckpt: str = "demo-lxrt", detector: str = "demo-frcnn", *, mode: str | None = None,
               device: str = "auto", max_pixels: int | None = None, matcher=None) -> tuple[gr.Blocks, str]:
-    """Load the Matcher (or take `matcher`) and lay out the page; returns (app, what was loaded, for the console)."""
+    """Load the Matcher (or take `matcher`, loaded from `ckpt` and `detector`) and lay out the page; returns (app,
+    what the loaders said, for the console)."""
     from lxmert_pl.demo.engine import MAX_PIXELS
     from lxmert_pl.demo.samples import SampleBoxes, load_examples
 
     if matcher is None:
         from lxmert_pl import Matcher
 
-        matcher = Matcher.from_pretrained(ckpt, detector=detector, device=device,
-                                          **({} if mode is None else {"mode": mode}))
+        matcher = Matcher.from_pretrained(ckpt, detector=detector, device=device, mode=mode or "itm")
     modes = ("itm", "cosine") if matcher.model.has_matching_head else ("cosine",)
-    if mode is not None:
-        modes = (mode,) + tuple(m for m in modes if m != mode)
-    weights_lines = matcher_weights_lines(matcher)
-    demo = is_bundled_demo(ckpt)
-    engine = DemoEngine(matcher, SampleBoxes(), max_pixels=max_pixels or MAX_PIXELS, demo_weights=demo)
-    app = build_app(engine, weights_lines=weights_lines, demo_weights=demo, examples=load_examples(), modes=modes)
-    return app, "\n".join(weights_lines)
-
-
-def matcher_weights_lines(matcher) -> list[str]:
-    """Which weights the Matcher loaded, one line each (as it reports them)."""
-    report = getattr(matcher, "report", None)
-    return [line for line in str(report).splitlines() if line.strip()] or ["weights: (not reported)"]
+    modes = (matcher.mode,) + tuple(m for m in modes if m != matcher.mode)
+    (lxrt, demo_lxrt), (frcnn, demo_frcnn) = describe_weights(ckpt), describe_weights(detector)
+    headline = [f"LXMERT weights: {lxrt}", f"Detector: {frcnn}",
+                f"Scores: {', '.join(MODE_NAMES[m] for m in modes)} · on {matcher.device}"]
+    report = str(matcher.report or "(the Matcher did not say)")
+    engine = DemoEngine(matcher, SampleBoxes(), max_pixels=max_pixels or MAX_PIXELS, demo_weights=demo_frcnn)
+    app = build_app(engine, headline=headline, report=report, demo_weights=demo_lxrt or demo_frcnn,
+                    examples=load_examples(), modes=modes)
+    return app, report
 
 
 def free_port(host: str = "127.0.0.1") -> int:

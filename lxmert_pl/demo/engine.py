@@ -10,6 +10,7 @@ page shows it as a Gradio error.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lxmert_pl.demo.samples import SampleBoxes
 from lxmert_pl.drawing import draw_detections
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.scoring import Scorer
 
 MAX_PIXELS = 40_000_000  # the largest picture the page takes (width x height); the detector resizes it anyway
 MAX_SENTENCES = 16  # sentences per query
@@ -87,6 +89,8 @@ class DemoEngine:
         self.samples = samples
         self.max_pixels = max_pixels
         self._queries: OrderedDict[str, Query] = OrderedDict()  # upload path -> checked image (uploads never change)
+        self._siblings: dict[str, object] = {}  # score mode -> Matcher
+        self._explainer: Scorer | None = None
 
     # ------------------------------------------------------------------------------------------- inputs
 
@@ -122,7 +126,8 @@ class DemoEngine:
     def rank(self, query: Query, sentences: list[str], mode: str | None = None) -> Ranked:
         """Score every sentence against the image (one `Matcher.score` call) and sort them, best first."""
         mode = mode or self.matcher.mode
-        scores = np.asarray(self.matcher.score(query.path, sentences, given_boxes=self._given(query)))
+        matcher = self._in_mode(mode)
+        scores = np.asarray(matcher.score(query.path, sentences, given_boxes=self._given(query)))
         order = np.argsort(-scores, kind="stable")
         return Ranked([sentences[i] for i in order], scores[order], mode)
 
@@ -143,8 +148,28 @@ class DemoEngine:
                                max_boxes=MAX_DRAWN, long_side=long_side)
 
     def explain(self, query: Query, sentence: str) -> np.ndarray:
-        """The weight of each detected box in the sentence's last cross-layer attention (sums to 1)."""
-        return np.asarray(self.matcher.explain(query.path, sentence, given_boxes=query.given_boxes), dtype=float)
+        """The weight of each detected box in the sentence's last cross-layer attention (sums to 1): the report's
+        "why" (`Scorer.explain`) on the Matcher's cached detections. ADAPTER: the Matcher has no explain() yet."""
+        record = self.matcher.detect(query.path, given_boxes=query.given_boxes).features
+        if self._explainer is None:
+            self._explainer = Scorer(self.matcher.model, self.matcher.tokenizer, device=self.matcher.device)
+        return self._explainer.explain([sentence], [record.features], [record.normalized_boxes()])[0]
+
+    def _in_mode(self, mode: str):
+        """The Matcher scoring in `mode`: itself, or a sibling sharing its model, detector and detection cache.
+        ADAPTER: a Matcher fixes its mode when built (its retriever holds it); the page switches per query."""
+        if mode == self.matcher.mode:
+            return self.matcher
+        if mode not in self._siblings:
+            from lxmert_pl.retrieval import Retriever, check_mode
+
+            check_mode(self.matcher.model, mode)
+            sibling = copy.copy(self.matcher)
+            sibling.mode = mode
+            sibling._retriever = Retriever(self.matcher.model, self.matcher.tokenizer, device=self.matcher.device,
+                                           mode=mode, batch_size=self.matcher.batch_size)
+            self._siblings[mode] = sibling
+        return self._siblings[mode]
 
     def describe(self, query: Query) -> str:
         """One line under the drawing: where the boxes come from (and a warning where they mean nothing)."""
