@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=7, help="queries timed on the cached image (median)")
     args = parser.parse_args()
 
+    import torch
     from gradio_client import Client, handle_file
 
     from lxmert_pl import Matcher
@@ -67,6 +68,7 @@ def main() -> int:
     print(f"start: median {statistics.median(starts):.2f} s over {len(starts)} fresh processes "
           f"({', '.join(f'{s:.2f}' for s in starts)}); target <= {START_TARGET_S:g} s")
 
+    torch.set_num_threads(1)  # as `python -m lxmert_pl.demo` does with the bundled demo weights
     matcher = Matcher.from_pretrained("demo-lxrt", detector="demo-frcnn", device="cpu")
     app, _ = load_demo(matcher=matcher)
     url = launch_app(app, port=free_port())

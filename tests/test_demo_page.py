@@ -73,7 +73,7 @@ SMALL_LIMIT = 1_000_000  # pixels: the served test page refuses larger images (t
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(one_torch_thread):
     """The page on the bundled demo weights, served in this process on a free local port."""
     from lxmert_pl import Matcher
     from lxmert_pl.demo.app import launch_app, load_demo

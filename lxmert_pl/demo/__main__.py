@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                             "only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free port)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: 1 with the bundled demo weights, whose operations are "
+                             "too small to share out, else torch's default)")
     parser.add_argument("--max-megapixels", type=float, default=40.0,
                         help="largest image the page takes, in megapixels (default: %(default)s)")
     return parser.parse_args(argv)
@@ -40,8 +43,17 @@ def serve(args: argparse.Namespace):
     """Load the weights, serve the page without blocking and say where it is; returns the app (`app.close()`)."""
     if not 0 <= args.port < 65536:
         raise UserInputError(f"--port {args.port}: expected 0..65535")
+    if args.threads is not None and args.threads < 1:
+        raise UserInputError(f"--threads {args.threads}: expected 1 or more")
     start = time.perf_counter()
-    from lxmert_pl.demo.app import launch_app, load_demo
+    import torch
+
+    from lxmert_pl.demo.app import describe_weights, launch_app, load_demo
+
+    bundled = describe_weights(args.ckpt)[1] and describe_weights(args.detector)[1]
+    threads = args.threads or (1 if bundled else None)
+    if threads:
+        torch.set_num_threads(threads)
 
     app, report = load_demo(args.ckpt, args.detector, mode=args.mode, device=args.device,
                             max_pixels=int(args.max_megapixels * 1e6))
