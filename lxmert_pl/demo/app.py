@@ -5,7 +5,7 @@ launches it. Endpoints (for `gradio_client`):
 
 * `/match` (image, sentences, mode) -> (table, drawn image, sentence choice): the sentences sorted by score, exactly
   as `Matcher.score` returned them (the table's `score` column keeps every digit; the page shows 3);
-* `/why` (image, sentence) -> drawn image with that sentence's attended boxes highlighted.
+* `/why` (sentence) -> the last matched image drawn with that sentence's attended boxes highlighted.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from lxmert_pl.demo.samples import Example  # noqa: E402
 from lxmert_pl.errors import LxmertPlError  # noqa: E402
 
 TABLE_HEADERS = ["rank", "sentence", "score"]
+WHY_NOTE = ("**Dashed yellow**: the boxes the chosen sentence looked at most (its first token's attention in the last "
+            "cross-modality layer, mean over heads; the share in %). Solid: the other detections.")
 CSS = """
 .weights-note {font-size: 0.9em}
 .demo-warning {border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217, 119, 6, 0.08);
@@ -84,13 +86,14 @@ def build_app(engine: DemoEngine, *, headline: list[str], report: str, demo_weig
         except LxmertPlError as err:
             raise _user_error(err) from None
         choice = gr.Radio(choices=ranked.sentences, value=ranked.sentences[0], visible=True)
-        return results_table(ranked), drawn, choice, engine.describe(query)
+        return results_table(ranked), drawn, choice, f"{WHY_NOTE}\n\n{engine.describe(query)}", [path, name]
 
-    def why(image, sentence):
-        path, name = _file(image)
+    def why(sentence, matched):
+        """Redraw the image of the last Match (not whatever the input holds now) for another sentence."""
+        if not matched:
+            raise gr.Error("press Match first", title="Cannot do that")
         try:
-            query = engine.open_image(path, name)
-            return engine.draw(query, sentence or None)
+            return engine.draw(engine.open_image(*matched), sentence or None)
         except LxmertPlError as err:
             raise _user_error(err) from None
 
@@ -123,15 +126,16 @@ def build_app(engine: DemoEngine, *, headline: list[str], report: str, demo_weig
                                      label="Sentences, best match first", interactive=False, elem_id="results",
                                      column_widths=["10%", "70%", "20%"], wrap=True)
                 chosen = gr.Radio(label="Show the regions behind", choices=[], visible=False, elem_id="chosen")
-                drawn = gr.Image(label="Regions: dashed yellow, the chosen sentence's attention (% of it)",
-                                 type="pil", format="png", interactive=False, elem_id="drawn")
+                drawn = gr.Image(label="Regions", show_label=False, type="pil", format="png", interactive=False,
+                                 elem_id="drawn")
                 note = gr.Markdown(elem_id="note")
 
-        inputs = [image, text, mode]
-        button.click(match, inputs, [table, drawn, chosen, note], api_name="match", preprocess=False)
-        text.submit(match, inputs, [table, drawn, chosen, note], api_name=False, preprocess=False)
-        chosen.input(why, [image, chosen], drawn, api_name="why", preprocess=False)
-        table.select(pick_row, None, chosen, api_name=False).then(why, [image, chosen], drawn, api_name=False,
+        matched = gr.State()  # [path, name] of the image the table and the drawing belong to
+        inputs, outputs = [image, text, mode], [table, drawn, chosen, note, matched]
+        button.click(match, inputs, outputs, api_name="match", preprocess=False)
+        text.submit(match, inputs, outputs, api_name=False, preprocess=False)
+        chosen.input(why, [chosen, matched], drawn, api_name="why", preprocess=False)
+        table.select(pick_row, None, chosen, api_name=False).then(why, [chosen, matched], drawn, api_name=False,
                                                                   preprocess=False)
     return app
 
