@@ -9,9 +9,10 @@ region features, with the box selection or at given boxes), a cache of detection
 (`lxmert_pl.detection_cache`) and the LXMERT scoring code:
 
 * `score(images, texts)`: element-wise pairs (image i with text i; one image or one text is broadcast). The pairs
-  go through eval.py's forward (`scoring.forward_batch`) in the same batches as eval.py, so they get eval.py's
-  scores; within a batch a repeated image or sentence is encoded once (`factorize="auto"`, as eval.py). A broadcast
-  (one image, many texts or the reverse) is a one-row grid and goes through `rank`'s factorized path.
+  go through eval.py's forward (`scoring.forward_batch`), `batch_size` pairs at a time, the whole model per pair
+  (`factorize="never"`, as `Scorer.score`; "auto" encodes an image or sentence repeated within a batch once, as
+  eval.py does); eval.py's one-step scores up to float rounding (tests/test_matcher.py: <= 1e-6). A broadcast (one
+  image, many texts or the reverse) is a one-row grid and goes through `rank`'s factorized path.
 * `rank(images, texts, k=None)`: the full image x text grid, each image and each text encoded once
   (`lxmert_pl.retrieval.Retriever`), or a first stage + top-k re-ranking; with the ground truth
   (`text_image[j]` = the index of text j's image) the retrieval metrics too.
@@ -149,7 +150,7 @@ class Matcher:
         features: Any = None,
         tokenizer: LxmertTokenizer | None = None,
         batch_size: int = 32,
-        factorize: str = "auto",
+        factorize: str = "never",
         detector_batch_size: int = 4,
         memory_cache: int = DEFAULT_MEMORY_SIZE,
         progress: bool = True,
@@ -282,8 +283,8 @@ class Matcher:
         return self._retriever.rerank(texts, feats, boxes, None).i2t_scores.numpy()
 
     def _elementwise(self, keys: list[str], records: list[ImageFeatures], texts: list[str]) -> np.ndarray:
-        """Pairs `batch_size` at a time through eval.py's forward (`scoring.forward_batch`, `factorize`): the same
-        batches as eval.py's for the same pairs in the same order, hence the same scores."""
+        """Pairs `batch_size` at a time through eval.py's forward (`scoring.forward_batch` with `factorize`); `keys`
+        say which rows share an image."""
         feats, boxes = self._arrays(records)
         out = []
         for start in range(0, len(texts), self.batch_size):
