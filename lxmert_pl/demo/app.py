@@ -29,7 +29,7 @@ CSS = """
 .weights-note {font-size: 0.9em}
 .demo-warning {border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217, 119, 6, 0.08);
                border-radius: 4px}
-#drawn img {image-rendering: pixelated}
+#drawn img {max-height: 480px; object-fit: contain}
 footer {display: none !important}
 """
 
