@@ -1,17 +1,19 @@
 """`Matcher.rank` (factorized grid) vs element-wise `Matcher.score` on the same image x text grid.
 
-    python bench/matcher_rank.py [--images 64] [--texts 320] [--width 768] [--rounds 3] [--device cpu|cuda]
+    python bench/matcher_rank.py [--images 64] [--texts 320] [--width 64] [--rounds 3] [--device cpu|cuda]
                                  [--threads N] [--factorize never|auto]
 
 Both calls get the same 64 images (precomputed detections: 10-36 boxes of 2048-d features, so the detector is not
-timed; it runs once per image either way, cached) and 320 texts (6-15 word pieces). `score` gets the grid as 20,480
+timed; it runs once per image either way, cached) and 320 texts (6-15 random words). `score` gets the grid as 20,480
 element-wise pairs (image i repeated for every text, row-major), the way a user without `rank` would write it: it
 runs the whole model per pair, 32 pairs per forward (`factorize=never`, its default; `--factorize auto` encodes a
 batch's one image once, its 32 texts still once each). `rank` encodes every image and every text once and runs
-only the cross layers per pair. The rounds alternate (score, rank / rank, score); the ratio is the median of the per-round ratios.
+only the cross layers per pair. The rounds alternate (score, rank / rank, score); the ratio is the median of the
+per-round ratios.
 
 Model: the lxr955 layout (9 language, 5 object-relationship, 5 cross-modality layers, 20 tokens, 36 boxes) with
-random O(1) weights at `--width` (768 = lxr955 itself; the FLOP ratio does not depend on the width). Expected from
+random O(1) weights at `--width` (default 64, for a CPU: lxr955 itself, 768, takes about an hour per round there; the FLOP
+ratio does not depend on the width, per-call overheads weigh more at small widths). Expected from
 the FLOPs per pair (language 9*20 token-layers, vision 5*36, cross 5*(20+36) with cross-attention):
 ~1.9x with factorize=never (score's default), ~1.5x with factorize=auto (the image shared within each batch).
 Target: >= 1.7x at the documented size (64 x 320, see bench/README.md); exit status 1 when missed there.
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=DOCUMENTED["images"])
     parser.add_argument("--texts", type=int, default=DOCUMENTED["texts"])
-    parser.add_argument("--width", type=int, default=768, help="hidden width of the lxr955 layout (768 = lxr955)")
+    parser.add_argument("--width", type=int, default=64, help="hidden width of the lxr955 layout (768 = lxr955)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

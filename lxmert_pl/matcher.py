@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,21 @@ PROGRESS_MIN_IMAGES = 8  # a progress bar is shown when at least this many image
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray | ImageFeatures
 
 
+DEFAULT_DRAW_BOXES = 10  # boxes drawn, most confident first
+DEFAULT_ATTENDED = 3  # attended boxes drawn by `Explanation.draw`
+
+
 @dataclass
 class Detections:
     """The detections of one image: `features.boxes` (n, 4) x1 y1 x2 y2 in pixels of the (EXIF-rotated) image,
-    object / attribute ids and confidences, region features (n, D); `name`: the file name, or "image #i"."""
+    object / attribute ids and confidences, region features (n, D); `labels[i]` names box i ("red circle 0.93",
+    from the detector's vocabulary); `name`: the file name, or "image #i"; `picture`: the image (RGB) when the
+    detections were made from one (None for precomputed detections)."""
 
     name: str
     features: ImageFeatures
+    labels: list[str] = field(default_factory=list)
+    picture: Any = None
 
     @property
     def boxes(self) -> np.ndarray:
@@ -70,6 +78,44 @@ class Detections:
 
     def __len__(self) -> int:
         return self.features.num_boxes
+
+    def draw(self, *, attended: Sequence[tuple[int, float]] = (), max_boxes: int = DEFAULT_DRAW_BOXES,
+             long_side: int | None = None):
+        """A PIL image (RGB): the picture (or a blank canvas of its size) with the `max_boxes` most confident boxes
+        and their labels, plus the `attended` (box index, weight) pairs dashed with their weight in percent."""
+        from lxmert_pl.drawing import draw_detections
+
+        order = np.argsort(-np.asarray(self.features.objects_conf, dtype=np.float64), kind="stable")
+        position = {int(box): rank for rank, box in enumerate(order)}
+        labels = [self.labels[i] if i < len(self.labels) else f"box {i}" for i in order]
+        return draw_detections(self.picture, self.boxes[order], labels, size=self.size, max_boxes=max_boxes,
+                               attended=[(position[int(i)], float(w)) for i, w in attended], long_side=long_side)
+
+
+@dataclass
+class Explanation:
+    """Why a text scored so on an image: `weights[i]`, the attention of the text's first token ([CLS]) on box i in
+    the last cross-modality layer, mean over heads, summing to 1 over the boxes (see lxmert_pl.explain: where the
+    model looked last, not an attribution); `score`: the pair's score."""
+
+    text: str
+    score: float
+    detections: Detections
+    weights: np.ndarray
+
+    def top(self, k: int = DEFAULT_ATTENDED) -> list[tuple[int, float]]:
+        """The `k` most attended boxes: (box index, weight), most attended first."""
+        order = np.argsort(-self.weights, kind="stable")[:k]
+        return [(int(i), float(self.weights[i])) for i in order]
+
+    def describe(self, k: int = DEFAULT_ATTENDED) -> str:
+        labels = self.detections.labels
+        return ", ".join(f"{labels[i] if i < len(labels) else f'box {i}'} ({w:.0%})" for i, w in self.top(k))
+
+    def draw(self, *, attended: int = DEFAULT_ATTENDED, max_boxes: int = DEFAULT_DRAW_BOXES,
+             long_side: int | None = None):
+        """The detections drawn with the `attended` most attended boxes dashed, with their weights (PIL, RGB)."""
+        return self.detections.draw(attended=self.top(attended), max_boxes=max_boxes, long_side=long_side)
 
 
 @dataclass
@@ -157,6 +203,7 @@ class Matcher:
         report: str = "",
         detector_digests: Mapping[str, str] | None = None,
         detector_name: str = "detector in memory",
+        vocabulary: Any = None,
     ):
         check_mode(model, mode)
         self.device = resolve_device(device)
@@ -180,6 +227,17 @@ class Matcher:
         self.factorize = factorize
         self._retriever = Retriever(self.model, self.tokenizer, device=self.device, mode=mode, batch_size=batch_size)
         self._said_truncation = False
+        self._vocabulary = vocabulary
+
+    @property
+    def vocabulary(self):
+        """The names of the detector's classes and attributes (`lxmert_pl.vocab`): the detector's own, else Visual
+        Genome's, else "class N" labels."""
+        if self._vocabulary is None:
+            from lxmert_pl.vocab import load_vocabulary
+
+            self._vocabulary = load_vocabulary()
+        return self._vocabulary
 
     # ---- construction ----------------------------------------------------------------------------------------------
     @classmethod
@@ -213,7 +271,7 @@ class Matcher:
                                          require=("matching",) if mode == "itm" else ())
         lines = [f"Weights: {resolved.describe()}", f"  {lxrt_report.summary()}"]
         device = resolve_device(device)
-        loaded_detector = digests = None
+        loaded_detector = digests = vocabulary = None
         name = "none"
         if detector is not None:
             from lxmert_pl.detector import choose_geometry, load_detector
@@ -226,14 +284,17 @@ class Matcher:
             )
             digests = detector_file_digests(detector_report)
             name = str(detector_ckpt.path)
+            from lxmert_pl.vocab import load_vocabulary
+
+            vocabulary = load_vocabulary(detector_report.config_path.parent)
             lines += [f"Detector: {detector_ckpt.describe()}", f"  {detector_report.summary()}"]
         return cls(model, loaded_detector, mode=mode, boxes=boxes, device=device, precision=precision,
                    cache_dir=cache_dir, report="\n".join(lines), detector_digests=digests, detector_name=name,
-                   **kwargs)
+                   vocabulary=vocabulary, **kwargs)
 
     @staticmethod
     def _open_features(features: Any):
-        if features is None or hasattr(features, "get"):
+        if features is None or hasattr(features, "img_ids"):
             return features
         from lxmert_pl.features.sources import open_feature_source
 
@@ -322,10 +383,47 @@ class Matcher:
 
     # ---- detections ------------------------------------------------------------------------------------------------
     def detect(self, image: ImageInput, *, given_boxes: Any = None, features: Any = None) -> Detections:
-        """The detections of one image (from the cache when it was seen before)."""
-        record = self.image_features([image], given_boxes=None if given_boxes is None else [given_boxes],
-                                     features=features)[0]
-        return Detections(_name_of(image, 0), record)
+        """The detections of one image (from the cache when it was seen before), with labels and the picture.
+        `given_boxes`: [[x1, y1, x2, y2], ...] pixels to extract at (or a dict / boxes file keyed by img_id)."""
+        boxes = given_boxes if given_boxes is None or isinstance(given_boxes, (str, Path, Mapping)) else [given_boxes]
+        source = self._open_features(features) if features is not None else self.features
+        record = self.image_features([image], given_boxes=boxes, features=source)[0]
+        picture = None
+        precomputed = isinstance(image, ImageFeatures) or (isinstance(image, str) and source is not None
+                                                           and image in source)
+        if not precomputed:
+            from PIL import Image
+
+            from lxmert_pl.detector.image_input import to_bgr
+
+            picture = Image.fromarray(np.ascontiguousarray(to_bgr(image)[:, :, ::-1]), "RGB")
+        labels = [self.vocabulary.label(int(o), int(a), float(c)) for o, a, c in
+                  zip(record.objects_id, record.attrs_id, record.objects_conf)]
+        return Detections(_name_of(image, 0), record, labels, picture)
+
+    def explain(self, image: ImageInput, text: str, *, given_boxes: Any = None, features: Any = None) -> Explanation:
+        """Which boxes `text` attends to on `image` (the report's "why"): an `Explanation` with the weight of each
+        box, its score and the detections; `.draw()` makes the picture."""
+        from lxmert_pl.scoring import Scorer
+
+        (text,) = self._texts([text]) if isinstance(text, str) else self._texts(text)
+        detections = self.detect(image, given_boxes=given_boxes, features=features)
+        record = detections.features
+        check_feature_width(self.model, record.features, detections.name)
+        scorer = Scorer(self.model, self.tokenizer, device=self.device, batch_size=1)
+        with torch.inference_mode():
+            weights = scorer.explain([text], [record.features], [record.normalized_boxes()])[0]
+        score = float(self.score(record, text)[0])
+        return Explanation(text, score, detections, np.asarray(weights, dtype=np.float64))
+
+    def draw(self, image: ImageInput, text: str | None = None, *, given_boxes: Any = None, features: Any = None,
+             max_boxes: int = DEFAULT_DRAW_BOXES, attended: int = DEFAULT_ATTENDED, long_side: int | None = None):
+        """A PIL image of `image`'s detections; with `text`, its `attended` most attended boxes dashed."""
+        if text is None:
+            return self.detect(image, given_boxes=given_boxes, features=features).draw(max_boxes=max_boxes,
+                                                                                      long_side=long_side)
+        return self.explain(image, text, given_boxes=given_boxes, features=features).draw(
+            attended=attended, max_boxes=max_boxes, long_side=long_side)
 
     def image_features(self, images: Sequence[ImageInput], *, given_boxes: Any = None,
                        features: Any = None) -> list[ImageFeatures]:
@@ -341,8 +439,10 @@ class Matcher:
         boxes_of = _given_boxes_lookup(given_boxes, images)
         out: list[ImageFeatures | None] = [None] * len(images)
         keys: list[str] = [""] * len(images)
-        todo: dict[str, tuple[np.ndarray, np.ndarray | None, str, list[int]]] = {}  # key -> (bgr, boxes, name, rows)
-        decoded: dict[Any, tuple[str, np.ndarray, np.ndarray | None]] = {}  # one decode per input object and call
+        # key -> (image, boxes, name, rows) of the images the detector must see; their pixels are decoded again
+        # batch by batch there, so that a long list never holds all its images in memory at once
+        todo: dict[str, tuple[ImageInput, np.ndarray | None, str, list[int]]] = {}
+        decoded: dict[Any, str] = {}  # key of each input object (path or id) and boxes: one decode per call
         for row, image in enumerate(images):
             name = _name_of(image, row)
             if isinstance(image, ImageFeatures):
@@ -354,10 +454,10 @@ class Matcher:
                 out[row], keys[row] = source.get(image), f"feature file {id(source)} {image}"
                 continue
             memo = (image if isinstance(image, (str, Path)) else id(image), id(boxes_of(row, image)))
+            boxes = boxes_of(row, image)
             if memo not in decoded:
-                decoded[memo] = self._keyed_image(image, name, boxes_of(row, image), source)
-            key, bgr, boxes = decoded[memo]
-            keys[row] = key
+                decoded[memo] = self._key_of(image, name, boxes, source)
+            key = keys[row] = decoded[memo]
             if key in todo:
                 todo[key][3].append(row)
                 continue
@@ -365,14 +465,14 @@ class Matcher:
             if cached is not None:
                 out[row] = dataclasses.replace(cached, img_id=_row_id(name))
             else:
-                todo[key] = (bgr, boxes, name, [row])
+                todo[key] = (image, boxes, name, [row])
         for key, record in self._run_detector(todo).items():
             for row in todo[key][3]:
                 out[row] = dataclasses.replace(record, img_id=_row_id(_name_of(images[row], row)))
         return keys, out  # type: ignore[return-value]
 
-    def _keyed_image(self, image: ImageInput, name: str, boxes: np.ndarray | None,
-                     source: Any) -> tuple[str, np.ndarray, np.ndarray | None]:
+    def _key_of(self, image: ImageInput, name: str, boxes: np.ndarray | None, source: Any) -> str:
+        """The detections cache key of an image (decoded here: its pixels are the key) with its given boxes."""
         from lxmert_pl.detector.image_input import to_bgr
 
         if isinstance(image, (str, Path)) and not Path(image).exists():
@@ -386,7 +486,7 @@ class Matcher:
         if self.detector is None:
             raise UserInputError(f"{name}: this Matcher has no detector (detector=None): pass precomputed detections "
                                  "(ImageFeatures, or img_ids with features=FILE)")
-        return detection_key(self._settings_digest(boxes is not None), bgr, boxes), bgr, boxes
+        return detection_key(self._settings_digest(boxes is not None), bgr, boxes)
 
     def _settings_digest(self, given: bool) -> str:
         if given not in self._settings:
@@ -399,6 +499,9 @@ class Matcher:
         return self._settings[given]
 
     def _run_detector(self, todo: dict) -> dict[str, ImageFeatures]:
+        """Detect the images of `todo` (key -> (image, boxes, name, rows)), `detector_batch_size` per pass."""
+        from lxmert_pl.detector.image_input import to_bgr
+
         keys = list(todo)
         found: dict[str, ImageFeatures] = {}
         show = self.progress and len(keys) >= PROGRESS_MIN_IMAGES
@@ -406,7 +509,8 @@ class Matcher:
             for start in range(0, len(keys), self.detector_batch_size):
                 part = keys[start : start + self.detector_batch_size]
                 given = [todo[k][1] for k in part]
-                rows = self.detector.extract([todo[k][0] for k in part], part, self.selection,
+                pixels = [to_bgr(todo[k][0], todo[k][2]) for k in part]
+                rows = self.detector.extract(pixels, part, self.selection,
                                              None if all(g is None for g in given) else given)
                 self.detector_calls += 1
                 self.images_detected += len(part)
@@ -481,4 +585,4 @@ def _boxes_array(value: Any, where: str) -> np.ndarray:
     return array
 
 
-__all__ = ["Matcher", "Detections", "RankResult", "DEFAULT_CKPT", "DEFAULT_DETECTOR"]
+__all__ = ["Matcher", "Detections", "Explanation", "RankResult", "DEFAULT_CKPT", "DEFAULT_DETECTOR"]

@@ -56,9 +56,10 @@ def test_scores_equal_eval_one_step(matcher, tmp_path):
     # Same thread count in both processes: the detector's features differ in the last bits (and the scores by
     # ~1e-6) between 1 and 2 threads.
     proc = run_script("eval.py", "--pairs", tmp_path / "pairs.json", "--images", VAL_IMAGES, "--given-boxes", BOXES,
-                      "--out", tmp_path / "out", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+                      "--out", tmp_path / "out", "report=false", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    expected = {row["question_id"]: row["score"] for row in json.loads((tmp_path / "out" / "predictions.json").read_text())}
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    expected = {row["question_id"]: row["score"] for row in rows}
     got = matcher.score([VAL_IMAGES / f"{p['img_id']}.png" for p in pairs], [p["sent"] for p in pairs],
                         given_boxes=BOXES)
     assert len(expected) == len(pairs)
@@ -243,3 +244,46 @@ def test_cli_prints_sentences_sorted_by_score(capsys):
         main([str(image_path(0)) + ".missing", "a dog"])
     assert exit_info.value.code == 2
     assert "image file not found" in capsys.readouterr().err
+
+
+def test_detect_explain_and_draw(matcher):
+    path = image_path(0)  # a small green triangle and a large orange diamond
+    detections = matcher.detect(path, given_boxes=BOXES)
+    assert len(detections) == 2 and len(detections.labels) == 2 and detections.size == (166, 157)
+    assert all(label.split()[-1].replace(".", "").isdigit() for label in detections.labels)  # "... 0.93"
+    why = matcher.explain(path, "a green triangle", given_boxes=BOXES)
+    assert why.weights.shape == (2,) and why.weights.sum() == pytest.approx(1.0, abs=1e-5)
+    assert why.score == pytest.approx(float(matcher.score(path, ["a green triangle"], given_boxes=BOXES)[0]), abs=1e-6)
+    # the same weights as the report's "why" (Scorer.explain) on the same features
+    from lxmert_pl.scoring import Scorer
+
+    record = detections.features
+    expected = Scorer(matcher.model, matcher.tokenizer).explain(["a green triangle"], [record.features],
+                                                                [record.normalized_boxes()])[0]
+    assert np.allclose(why.weights, expected, atol=1e-6)
+    picture = why.draw(long_side=512)
+    assert picture.mode == "RGB" and max(picture.size) == 512
+    plain = np.asarray(detections.draw(long_side=512)).astype(int)
+    assert np.abs(np.asarray(picture).astype(int) - plain).max() > 0  # the attended boxes are drawn differently
+    canvas = matcher.draw(record, "a green triangle")  # precomputed detections: a blank canvas of the image's size
+    assert canvas.size == (166, 157)
+
+
+def test_cli_show_writes_the_picture(tmp_path, capsys):
+    from lxmert_pl.match.__main__ import main
+
+    out = tmp_path / "shown.png"
+    assert main([str(image_path(0)), "a red circle", "a green triangle", "--device", "cpu", "--show", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Top sentence 'a green triangle' attends to:" in text and f"Picture: {out}" in text
+    picture = Image.open(out)
+    assert picture.mode == "RGB" and max(picture.size) == 512
+
+
+def test_rank_bench_runs_and_checks_agreement(capsys):
+    from conftest import load_script
+
+    bench = load_script(REPO_ROOT / "bench" / "matcher_rank.py", "matcher_rank_bench")
+    assert bench.main(["--images", "2", "--texts", "3", "--rounds", "1", "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "rank is" in out and "max |score - rank|" in out and "FAIL" not in out

@@ -1,6 +1,6 @@
 """Score sentences against one image, from the raw image: detector -> LXMERT.
 
-    python -m lxmert_pl.match IMAGE "a dog on a couch" "a plane in the sky" [--ckpt lxr955 --detector frcnn-vg-finetuned]
+    python -m lxmert_pl.match IMAGE "a dog on a couch" "a plane" --ckpt lxr955 --detector frcnn-vg-finetuned
     python -m lxmert_pl.match data/sample/images/val/sample_val_000000.png "a green triangle" "a red circle"
 
 Prints the sentences sorted by score in a table. Without --ckpt/--detector it runs the bundled demo, like
@@ -15,12 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from lxmert_pl.fileio import atomic_writer
+from lxmert_pl.matcher import DEFAULT_ATTENDED, DEFAULT_DRAW_BOXES
 from lxmert_pl.runs.errors import user_errors
 
 PROGRAM = "python -m lxmert_pl.match"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_IMAGES = REPO_ROOT / "data" / "sample" / "images"
 SAMPLE_BOXES = REPO_ROOT / "data" / "sample" / "boxes.json"
+SHOW_LONG_SIDE = 512  # pixels: the --show picture's long side (small images drawn larger, labels legible)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> None:
                                       device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                                       progress=False)
     print(matcher.report)
-    detections = matcher.detect(image, given_boxes=None if given is None else _boxes_for(given, image))
+    boxes = None if given is None else _boxes_for(given, image)
+    detections = matcher.detect(image, given_boxes=boxes)
     cache = matcher.cache
     origin = ("from the disk cache" if cache.disk_hits else "from the memory cache" if cache.memory_hits
               else "detected")
@@ -87,7 +91,15 @@ def run(args: argparse.Namespace) -> None:
     scores = matcher.score(detections.features, args.sentences)
     print(score_table(args.sentences, scores, args.mode))
     if args.show:
-        raise NotImplementedError("--show is not available yet")
+        top = args.sentences[max(range(len(scores)), key=lambda i: float(scores[i]))]
+        why = matcher.explain(detections.features, top)
+        why.detections = detections  # the picture and labels, for drawing
+        picture = why.draw(long_side=SHOW_LONG_SIDE)
+        with atomic_writer(args.show, "wb") as handle:
+            picture.save(handle, format="PNG")
+        print(f"Top sentence {top!r} attends to: {why.describe()}")
+        print(f"Picture: {args.show} (the {min(len(detections), DEFAULT_DRAW_BOXES)} most confident boxes; the "
+              f"{min(len(detections), DEFAULT_ATTENDED)} boxes the top sentence attends to most dashed, with weights)")
 
 
 def _boxes_for(boxes_file: Path, image: Path):
