@@ -1,8 +1,8 @@
 """What the demo page does with an image and some sentences, without Gradio: checks, scores, drawings.
 
-Everything goes through one `lxmert_pl.Matcher` (no second scoring path): `score` for the table, `detect` for the
-boxes, `explain` for the regions behind a sentence. The Matcher caches detections by image content, so a new
-sentence on the same image does not run the detector again.
+Everything goes through one `lxmert_pl.Matcher` (no second scoring path): `score` for the table, `draw` for the
+labelled boxes and the regions behind a sentence (its `explain`). The Matcher caches detections by image content,
+so a new sentence on the same image does not run the detector again.
 
 User errors (not an image, no sentence, an image too large) raise `UserInputError` with one plain sentence; the
 page shows it as a Gradio error.
@@ -19,16 +19,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lxmert_pl.demo.samples import SampleBoxes
-from lxmert_pl.drawing import draw_detections
 from lxmert_pl.errors import UserInputError
-from lxmert_pl.scoring import Scorer
 
 MAX_PIXELS = 40_000_000  # the largest picture the page takes (width x height); the detector resizes it anyway
 MAX_SENTENCES = 16  # sentences per query
 DISPLAY_LONG_SIDE = 512  # a smaller picture is drawn scaled up to this long side, for legible labels ...
 DISPLAY_MAX_SIDE = 1024  # ... and a larger one scaled down to at most this (a quick page)
-MAX_DRAWN = 10  # detections drawn (the most confident); the attended ones always are
-MAX_ATTENDED = 3  # the "why": at most this many boxes, the ones holding most of the sentence's attention
 MODE_NAMES = {"itm": "P(matched)", "cosine": "cosine"}
 
 
@@ -62,22 +58,6 @@ def parse_sentences(text: str | None, limit: int = MAX_SENTENCES) -> list[str]:
     return sentences
 
 
-def top_attended(weights: np.ndarray, most: int = MAX_ATTENDED) -> list[tuple[int, float]]:
-    """(box, weight) of the boxes holding most attention: the largest first, at most `most`, each at least half
-    the largest one's weight."""
-    order = np.argsort(-weights, kind="stable")[:most]
-    return [(int(i), float(weights[i])) for i in order if weights[i] >= 0.5 * weights[order[0]]]
-
-
-def detection_labels(detections) -> list[str]:
-    """A label per detected box: the Matcher's (from the detector's vocabulary) when it gives them."""
-    labels = getattr(detections, "labels", None)
-    if labels is not None:
-        return list(labels)
-    record = detections.features
-    return [f"class {int(c)} {p:.2f}" for c, p in zip(record.objects_id, record.objects_conf)]
-
-
 class DemoEngine:
     """The demo's work on one loaded Matcher; `samples`: the bundled scenes' boxes (None: always detect);
     `demo_weights`: the bundled demo weights are loaded (its detector means nothing outside the sample scenes)."""
@@ -90,7 +70,6 @@ class DemoEngine:
         self.max_pixels = max_pixels
         self._queries: OrderedDict[str, Query] = OrderedDict()  # upload path -> checked image (uploads never change)
         self._siblings: dict[str, object] = {}  # score mode -> Matcher
-        self._explainer: Scorer | None = None
 
     # ------------------------------------------------------------------------------------------- inputs
 
@@ -132,28 +111,10 @@ class DemoEngine:
         return Ranked([sentences[i] for i in order], scores[order], mode)
 
     def draw(self, query: Query, sentence: str | None = None) -> Image.Image:
-        """The image with its detections (the most confident `MAX_DRAWN` of them), and `sentence`'s attended boxes
-        highlighted (dashed, with their share of the attention) when one is given."""
-        detections = self.matcher.detect(query.path, given_boxes=query.given_boxes)
-        record = detections.features
-        order = np.argsort(-record.objects_conf, kind="stable")  # most confident first: they are the ones drawn
-        labels = detection_labels(detections)
-        attended = ()
-        if sentence is not None:
-            weights = self.explain(query, sentence)
-            position = {int(box): rank for rank, box in enumerate(order)}
-            attended = [(position[i], w) for i, w in top_attended(weights)]
+        """The image with its detections (`Matcher.draw`: the most confident ones, labelled) and, for `sentence`,
+        the boxes it attended to most (`Matcher.explain`: the report's "why"), dashed with their share."""
         long_side = min(max(DISPLAY_LONG_SIDE, max(query.image.size)), DISPLAY_MAX_SIDE)
-        return draw_detections(query.image, record.boxes[order], [labels[i] for i in order], attended=attended,
-                               max_boxes=MAX_DRAWN, long_side=long_side)
-
-    def explain(self, query: Query, sentence: str) -> np.ndarray:
-        """The weight of each detected box in the sentence's last cross-layer attention (sums to 1): the report's
-        "why" (`Scorer.explain`) on the Matcher's cached detections. ADAPTER: the Matcher has no explain() yet."""
-        record = self.matcher.detect(query.path, given_boxes=query.given_boxes).features
-        if self._explainer is None:
-            self._explainer = Scorer(self.matcher.model, self.matcher.tokenizer, device=self.matcher.device)
-        return self._explainer.explain([sentence], [record.features], [record.normalized_boxes()])[0]
+        return self.matcher.draw(query.path, sentence, given_boxes=query.given_boxes, long_side=long_side)
 
     def _in_mode(self, mode: str):
         """The Matcher scoring in `mode`: itself, or a sibling sharing its model, detector and detection cache.
