@@ -4,8 +4,9 @@ three-sentence query on an image seen before takes, as a user of the page gets i
 
     python bench/demo_page.py [--rounds 3] [--queries 7]
 
-Start: wall time from launching the command to the first successful GET of the page (the demo weights), median of
-`--rounds` fresh processes, and the CPU time that process used until then (on a loaded machine the better guide). Query: `/match` on a bundled scene (its detections cached by the first call), median of
+Start: wall time from launching the command to the first successful GET of the page (the demo weights), median
+of `--rounds` fresh processes, and the CPU time that process used until then (the better guide on a loaded
+machine). Query: `/match` on a bundled scene (its detections cached by the first call), median of
 `--queries` calls; beside it, in the same process and rounds, `Matcher.score` alone on the same inputs (the page's
 own share is the difference: checks, the drawing, the "why" pass, HTTP). Targets: start <= 15 s, query <= 1 s on
 the development CPU; exit 1 when missed.
