@@ -185,6 +185,9 @@ def test_the_command_serves_the_demo_on_this_machine_only_and_says_where(capsys)
         assert "BUNDLED DEMO" in out  # which weights: the Matcher's report
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        with pytest.raises(UserInputError, match=f"cannot serve on 127.0.0.1:{port}: the port is taken"):
+            serve(parse_args(["--port", port]))
     finally:
         app.close()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}

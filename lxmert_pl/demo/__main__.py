@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LXMERT weights: registry alias or path (default: %(default)s)")
     parser.add_argument("--detector", default="demo-frcnn", help="detector alias or directory (default: %(default)s)")
     parser.add_argument("--mode", choices=("itm", "cosine"), default=None,
-                        help="score shown first (default: itm when the checkpoint has a matching head, else cosine)")
+                        help="score shown first (default: itm, the matching head; cosine for a checkpoint without "
+                             "one, e.g. a VQA fine-tuned one; with a matching head the page switches between both)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine "
                                                             "only; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free port)")
@@ -43,6 +44,8 @@ def serve(args: argparse.Namespace):
     """Load the weights, serve the page without blocking and say where it is; returns the app (`app.close()`)."""
     if not 0 <= args.port < 65536:
         raise UserInputError(f"--port {args.port}: expected 0..65535")
+    if not args.max_megapixels > 0:
+        raise UserInputError(f"--max-megapixels {args.max_megapixels}: expected a positive number")
     if args.threads is not None and args.threads < 1:
         raise UserInputError(f"--threads {args.threads}: expected 1 or more")
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 
 from lxmert_pl.demo.engine import MODE_NAMES, DemoEngine, Ranked, parse_sentences  # noqa: E402
 from lxmert_pl.demo.samples import Example  # noqa: E402
-from lxmert_pl.errors import LxmertPlError  # noqa: E402
+from lxmert_pl.errors import LxmertPlError, UserInputError  # noqa: E402
 
 TABLE_HEADERS = ["rank", "sentence", "score"]
 WHY_NOTE = ("**Dashed yellow**: the boxes the chosen sentence looked at most (its first token's attention in the last "
@@ -185,7 +185,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 def launch_app(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, quiet: bool = True) -> str:
     """Serve the page without blocking (no share link, no analytics); returns its local URL."""
     app.queue(default_concurrency_limit=1)  # one query at a time: the model is shared
-    _, url, _ = app.launch(server_name=host, server_port=port or free_port(host), share=False, prevent_thread_lock=True,
-                           quiet=quiet, show_error=True, theme=theme(), css=CSS, ssr_mode=False, mcp_server=False,
-                           max_file_size="50mb", footer_links=[])
+    port = port or free_port(host)
+    try:
+        _, url, _ = app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True,
+                               quiet=quiet, show_error=True, theme=theme(), css=CSS, ssr_mode=False,
+                               mcp_server=False, max_file_size="50mb", footer_links=[])
+    except OSError as err:
+        raise UserInputError(f"cannot serve on {host}:{port}: the port is taken or the address is not this "
+                             "machine's (--port N, 0 for any free port; --host)") from None
     return url
