@@ -97,7 +97,8 @@ def build_app(engine: DemoEngine, *, headline: list[str], report: str, demo_weig
         except LxmertPlError as err:
             raise _user_error(err) from None
 
-    with gr.Blocks(title="LXMERT image-text matching") as app:
+    # No usage statistics; uploads and drawings older than an hour are removed from Gradio's cache every hour.
+    with gr.Blocks(title="LXMERT image-text matching", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown("# LXMERT image–text matching\nDrop an image, type a few sentences (one a line) and press "
                     "**Match**: the sentences come back sorted by how well they match the image, and the picture "
                     "shows the regions the model looked at for the one you choose.")
