@@ -19,6 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 VAL_IMAGE = SAMPLE_DIR / "images" / "val" / "sample_val_000000.png"
 
 
+def size_of(path) -> tuple[int, int]:
+    with Image.open(path) as picture:
+        return picture.size
+
+
 # ------------------------------------------------------------------------------------------- input checks
 
 
@@ -52,7 +57,8 @@ def test_a_sample_scene_is_recognised_by_its_pixels_under_any_name(tmp_path):
     query = engine.open_image(str(renamed))
     assert query.sample_id == "sample_val_000000"
     assert query.given_boxes == samples.boxes("sample_val_000000")
-    changed = np.asarray(Image.open(VAL_IMAGE).convert("RGB")).copy()
+    with Image.open(VAL_IMAGE) as picture:
+        changed = np.asarray(picture.convert("RGB")).copy()
     changed[0, 0] ^= 1  # one pixel differs: not the sample scene any more
     Image.fromarray(changed).save(tmp_path / "changed.png")
     assert engine.open_image(str(tmp_path / "changed.png")).given_boxes is None
@@ -116,7 +122,7 @@ def test_the_page_ranks_with_matcher_scores_and_reuses_the_detections(served, cl
     assert matcher.detector.runs == before + 1  # one detection for the upload; Matcher.score above: cached
     assert chosen["value"] == sentences[0]
     assert "sample_val_000000: a bundled sample scene" in note
-    assert Image.open(drawn).size[0] >= 2 * Image.open(upload).size[0]  # drawn larger, for legible labels
+    assert size_of(drawn)[0] >= 2 * size_of(upload)[0]  # drawn larger, for legible labels
 
     table, _, _, _ = client.predict(gradio_client.handle_file(str(upload)), "a red circle\na small green triangle\n"
                                  "an orange diamond", "cosine", api_name="/match")
@@ -124,7 +130,7 @@ def test_the_page_ranks_with_matcher_scores_and_reuses_the_detections(served, cl
     cosine = [row[2] for row in table["data"]]
     assert all(-1.0 <= c <= 1.0 for c in cosine) and cosine == sorted(cosine, reverse=True)
     why = client.predict("a red circle", api_name="/why")  # the image of the last Match (this client's session)
-    assert Image.open(why).size == Image.open(drawn).size
+    assert size_of(why) == size_of(drawn)
     assert matcher.detector.runs == before + 1
 
 
