@@ -180,7 +180,11 @@ class Matcher:
 
     Build it with `from_pretrained`, or from loaded parts: `model` (an `LxmertMatchingModel`), `detector` (a loaded
     `BottomUpFasterRCNN`, or None to take precomputed detections only). `report` says which weights were loaded.
-    `features`: a feature file / store (or a loaded source) whose img_ids may be passed as images.
+    `features`: a feature file / store (or a loaded source) whose img_ids may be passed as images. `vocabulary`: a
+    `lxmert_pl.vocab.Vocabulary` or the detector's folder to read one from (None: Visual Genome's or fallback names).
+    `factorize`: how `score` batches pairs ("never": the whole model per pair; "auto": as eval.py). `cache_dir`,
+    `memory_cache`: where detections are kept (`lxmert_pl.detection_cache`). `detector_digests`: sha256 of the
+    detector's files, for the cache keys (None: of its tensors).
     """
 
     def __init__(
@@ -214,7 +218,7 @@ class Matcher:
         self.batch_size = batch_size
         self.detector_batch_size = detector_batch_size
         self.progress = progress
-        self.report = report
+        self.report = report or "Weights: a model given in memory (not loaded by Matcher.from_pretrained)"
         self.selection = box_selection_of(boxes)
         self.detector = None if detector is None else detector.to(self.device)
         self._detector_digests = dict(detector_digests) if detector_digests else None
@@ -232,11 +236,11 @@ class Matcher:
     @property
     def vocabulary(self):
         """The names of the detector's classes and attributes (`lxmert_pl.vocab`): the detector's own, else Visual
-        Genome's, else "class N" labels."""
-        if self._vocabulary is None:
-            from lxmert_pl.vocab import load_vocabulary
+        Genome's, else "class N" labels. Read on first use (the first labels asked for)."""
+        from lxmert_pl.vocab import Vocabulary, load_vocabulary
 
-            self._vocabulary = load_vocabulary()
+        if not isinstance(self._vocabulary, Vocabulary):
+            self._vocabulary = load_vocabulary(self._vocabulary)
         return self._vocabulary
 
     # ---- construction ----------------------------------------------------------------------------------------------
@@ -284,9 +288,7 @@ class Matcher:
             )
             digests = detector_file_digests(detector_report)
             name = str(detector_ckpt.path)
-            from lxmert_pl.vocab import load_vocabulary
-
-            vocabulary = load_vocabulary(detector_report.config_path.parent)
+            vocabulary = detector_report.config_path.parent  # its names are read on first use (labels)
             lines += [f"Detector: {detector_ckpt.describe()}", f"  {detector_report.summary()}"]
         return cls(model, loaded_detector, mode=mode, boxes=boxes, device=device, precision=precision,
                    cache_dir=cache_dir, report="\n".join(lines), detector_digests=digests, detector_name=name,

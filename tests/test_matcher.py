@@ -287,3 +287,27 @@ def test_rank_bench_runs_and_checks_agreement(capsys):
     assert bench.main(["--images", "2", "--texts", "3", "--rounds", "1", "--width", "32"]) == 0
     out = capsys.readouterr().out
     assert "rank is" in out and "max |score - rank|" in out and "FAIL" not in out
+
+
+def test_an_entry_another_process_is_writing_is_left_to_it(matcher, tmp_path):
+    """Two processes sharing a cache_dir: the one that finds an entry's lock held does not write that entry."""
+    own = fresh(matcher, cache_dir=tmp_path / "cache", memory_cache=0)
+    path = image_path(10)
+    boxes = np.asarray(json.loads(BOXES.read_text())[path.stem], np.float32)
+    entry = own.cache.entry_path(own._key_of(path, path.stem, boxes, None))
+    entry.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lxmert_pl.features.locking import "
+                               "WriteLock\nlock = WriteLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(60)",
+                               str(entry)], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        scores = own.score(path, ["a red circle", "a blue star"], given_boxes=BOXES)
+        assert not entry.exists()  # left to the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    own.score(path, ["a red circle", "a blue star"], given_boxes=BOXES)
+    assert (entry / "meta.json").is_file()  # written once the lock is free
+    assert np.array_equal(fresh(matcher, cache_dir=tmp_path / "cache").score(path, ["a red circle", "a blue star"],
+                                                                              given_boxes=BOXES), scores)
