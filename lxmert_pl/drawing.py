@@ -83,7 +83,8 @@ def draw_detections(
         picture = picture.resize(new_size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale
     draw = ImageDraw.Draw(picture)
-    font = _font(FONT_PX if long_side else max(FONT_PX, round(max(picture.size) / 40)))
+    side = max(picture.size)  # 11 px text at a 256 px thumbnail, growing slower than the picture above that
+    font = _font(max(FONT_PX, round(FONT_PX * (side / 256) ** 0.5)))
     weights = {int(i): float(w) for i, w in attended}
     shown = [i for i in range(min(max_boxes, len(boxes))) if i not in weights]
     occupied: list[tuple[float, float, float, float]] = []

@@ -91,20 +91,25 @@ class PageResult:
         self.close()
 
 
+class BrowserUnavailable(RuntimeError):
+    """selenium, chromium or chromedriver is missing (the message says which and how to get it)."""
+
+
 def open_page(url_or_path: str | Path, screenshot: Path | None, wait_for: str | None = None, timeout: float = 30,
-              width: int = 1280, max_height: int = 4000) -> PageResult:
+              width: int = 1280, max_height: int = 4000, skip_if_missing: bool = True) -> PageResult:
     """Open a URL (or a local file, as file://) in headless Chromium; wait until the page and its images have
     loaded (and `wait_for` exists); collect console errors and images; take the screenshot. Close it (or use `with`).
+    Without a browser: skip the calling test, or (`skip_if_missing=False`, for scripts) raise `BrowserUnavailable`.
     """
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+        _unavailable("selenium is not installed (pip install -e '.[test]')", skip_if_missing)
     paths = browser_paths()
     if paths is None:
-        pytest.skip("no chromium + chromedriver on this machine (.ci/run installs them: apt-get install chromium "
-                    "chromium-driver)")
+        _unavailable("no chromium + chromedriver on this machine (.ci/run installs them: apt-get install chromium "
+                     "chromium-driver)", skip_if_missing)
     browser, driver_path = paths
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -136,3 +141,9 @@ def open_page(url_or_path: str | Path, screenshot: Path | None, wait_for: str | 
         driver.quit()
         raise
     return page
+
+
+def _unavailable(reason: str, skip: bool) -> None:
+    if skip:
+        pytest.skip(reason)
+    raise BrowserUnavailable(reason)

@@ -75,19 +75,35 @@ def test_no_vocabulary_falls_back_with_one_note(no_vg, tmp_path, caplog):
 
 
 def test_failed_download_falls_back(no_vg, monkeypatch, tmp_path):
-    from lxmert_pl.registry import CheckpointUnavailableError
+    from lxmert_pl.registry import DownloadError
 
     calls = []
 
     def unavailable(*args, **kwargs):
         calls.append(args)
-        raise CheckpointUnavailableError("offline")
+        raise DownloadError("cannot reach raw.githubusercontent.com")
 
     monkeypatch.setattr(vocab, "_download_failed", False)
-    monkeypatch.setattr("lxmert_pl.registry.resolve_checkpoint", unavailable)
+    monkeypatch.setattr("lxmert_pl.registry.download_file", unavailable)
     assert load_vocabulary(download=True).is_fallback
     assert load_vocabulary(download=True).is_fallback
     assert len(calls) == 1  # tried once per process
+
+
+def test_download_goes_to_the_checkpoints_folder(no_vg, monkeypatch, tmp_path):
+    fetched = []
+
+    def fake_download(url, dest, sha256=None, size=None, progress=True, timeout=30):
+        fetched.append((url, sha256, timeout))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text("circle\nsquare\n" if dest.name == OBJECTS_FILE else "red\n", encoding="utf-8")
+
+    monkeypatch.setenv("LXMERT_PL_CHECKPOINTS", str(tmp_path / "ckpts"))
+    monkeypatch.setattr(vocab, "_download_failed", False)
+    monkeypatch.setattr("lxmert_pl.registry.download_file", fake_download)
+    v = load_vocabulary(download=True)
+    assert v.label(1, 0) == "red square" and v.source == str(tmp_path / "ckpts" / vocab.VG_ALIAS)
+    assert len(fetched) == 2 and all(sha and timeout <= 5 for _, sha, timeout in fetched)
 
 
 def test_registry_entry_pins_vg_files():

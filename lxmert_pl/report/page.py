@@ -107,8 +107,10 @@ table.kv td.v { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace
 .empty { color:var(--muted); font-style:italic; }
 .query { border-top:1px solid var(--line); padding:10px 0; }
 .query h3 { font-size:14px; margin:0 0 6px; }
-.hits { display:flex; flex-wrap:wrap; gap:8px; }
-.hit { width:170px; border:1px solid var(--line); border-radius:6px; padding:4px; font-size:12px; }
+.qrow { display:flex; gap:12px; align-items:flex-start; }
+.qpic img { width:256px; display:block; border-radius:6px; }
+.hits { display:flex; flex-wrap:wrap; gap:8px; align-content:flex-start; }
+.hit { width:200px; border:1px solid var(--line); border-radius:6px; padding:4px; font-size:12px; }
 .hit.truth { border:2px solid var(--good); }
 .hit img { width:100%; display:block; border-radius:3px; }
 footer { color:var(--muted); font-size:12px; padding:0 28px 24px; }
@@ -125,7 +127,7 @@ def _fmt(value: object) -> str:
 
 def _metric_text(key: str, value: object) -> str:
     if isinstance(value, float) and value.is_integer() and (key in COUNT_METRICS or key.startswith("num_")
-                                                             or key.endswith("_groups")):
+                                                             or key.endswith(("_groups", "_queries"))):
         return str(int(value))
     return _fmt(value)
 
@@ -191,15 +193,17 @@ def _retrieval(page: ReportPage) -> str:
         hits = []
         for k, hit in enumerate(query.hits, 1):
             pic = f'<img alt="" src="{hit["picture_uri"]}">' if hit.get("picture_uri") else ""
-            mark = " · ground truth" if hit.get("truth") else ""
+            mark = ' <span class="chip true">ground truth</span>' if hit.get("truth") else ""
             hits.append(f'<div class="hit{" truth" if hit.get("truth") else ""}">{pic}<div><b>#{k}</b> '
-                        f'{esc(hit["text"])}{mark} <span class="ids">{hit.get("score", 0):.3f}</span></div></div>')
-        qpic = f'<img alt="" style="height:90px" src="{query.picture_uri}"> ' if query.picture_uri else ""
-        items.append(f'<div class="query"><h3>{qpic}{esc(query.direction)}: {esc(query.title)} '
-                     f'<span class="desc">(ground truth at rank {query.rank})</span></h3>'
-                     f'<div class="hits">{"".join(hits)}</div></div>')
-    return (f'<section class="panel gallery" id="worst-queries"><h2>Worst queries</h2><p class="desc">the queries whose '
-            f'ground truth ranks lowest, each with its top {len(page.retrieval[0].hits)}</p>{"".join(items)}</section>')
+                        f'{esc(hit["text"])} <span class="ids">{hit.get("score", 0):.3f}</span>{mark}</div></div>')
+        qpic = f'<div class="qpic"><img alt="" src="{query.picture_uri}"></div>' if query.picture_uri else ""
+        rank = f"ground truth at rank {query.rank}" if query.rank else "ground truth never retrieved"
+        items.append(f'<div class="query"><h3>{esc(query.direction)}: {esc(query.title)} '
+                     f'<span class="desc">({rank})</span></h3>'
+                     f'<div class="qrow">{qpic}<div class="hits">{"".join(hits)}</div></div></div>')
+    return (f'<section class="panel gallery" id="worst-queries"><h2>Worst queries</h2><p class="desc">the queries '
+            f'whose ground truth ranks lowest, each with its top {len(page.retrieval[0].hits)}</p>{"".join(items)}'
+            f'</section>')
 
 
 def render(page: ReportPage) -> str:
@@ -208,9 +212,11 @@ def render(page: ReportPage) -> str:
     if page.retrieval:
         links.append(("worst-queries", "Worst queries"))
     nav = "".join(f'<a href="#{esc(key)}">{esc(text)}</a>' for key, text in links)
-    legend = ('<div class="legend"><span class="solid"></span> detections (attribute, class, confidence) &nbsp; '
-              '<span class="dashed"></span> <b>why</b>: the boxes the sentence attends to most (last cross-modality '
-              'layer, language&rarr;vision attention from [CLS], mean over heads), with their weights</div>')
+    why = ('&nbsp; <span class="dashed"></span> <b>why</b>: the boxes the sentence attends to most (last '
+           'cross-modality layer, language&rarr;vision attention from [CLS], mean over heads), with their weights'
+           if any(card.why for card in page.cards.values()) else "")
+    legend = f'<div class="legend"><span class="solid"></span> detections (attribute, class, confidence) {why}</div>'
+
     galleries = "".join(_gallery(g, page) for g in page.galleries)
     notes = "".join(f"<li>{esc(n)}</li>" for n in page.notes)
     notes_html = f'<section class="panel" id="notes"><h2>Notes</h2><ul>{notes}</ul></section>' if notes else ""

@@ -43,7 +43,7 @@ from lxmert_pl.runs.outputs import (
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.export import EvaluationResult, add_evaluation
 from lxmert_pl.runs.report import REPORT_NAME, report_enabled, write_eval_report
-from lxmert_pl.runs.wandb_images import wandb_card_images
+from lxmert_pl.runs.wandb_images import log_report_images
 
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -307,6 +307,7 @@ def nonfinite_pairs(pairs: list, indices: list[int], skip: bool) -> list:
 
 def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict], limit: int,
                cards: dict | None = None) -> None:
+    """Metrics, plots and the predictions table; `cards` (the report's, by gallery): their pictures with boxes."""
     logger = wandb_logger(loggers)
     if logger is None:
         return
@@ -319,7 +320,7 @@ def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict]
     columns = ["question_id", "img_id", "sent", "score", "answer", "ground"]
     data = [[r.get(c) for c in columns] for r in rows[:limit]]
     if cards:  # the report's cards: their pictures with the detections as wandb boxes
-        images = wandb_card_images(cards, limit)
+        images = log_report_images(run, cards, limit)
         columns, data = [*columns, "image"], [[*row, images.get(i)] for i, row in enumerate(data)]
     table = wandb.Table(columns=columns, data=data)
     run.log({"predictions": table})

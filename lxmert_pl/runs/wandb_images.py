@@ -27,17 +27,31 @@ def wandb_box_data(card: Card, max_boxes: int) -> tuple[list[dict], dict[int, st
     return boxes, labels
 
 
-def wandb_card_images(cards: dict[int, Card], limit: int, max_boxes: int = 10) -> dict[int, object]:
-    """{row position: wandb.Image with boxes} for the cards among the first `limit` rows."""
+def wandb_card_image(card: Card, max_boxes: int = 10):
+    """A card's picture (raw image or canvas, at most 256 px) as a `wandb.Image` with its boxes; None without one."""
     import wandb
 
-    images = {}
-    for position, card in cards.items():
-        if position >= limit or card.detections is None:
-            continue
-        picture = card.detections.image.copy()
-        picture.thumbnail((WANDB_LONG_SIDE, WANDB_LONG_SIDE), Image.LANCZOS)
-        box_data, class_labels = wandb_box_data(card, max_boxes)
-        images[position] = wandb.Image(picture, caption=str(card.row.get("sent", "")),
-                                       boxes={"detections": {"box_data": box_data, "class_labels": class_labels}})
-    return images
+    if card.detections is None:
+        return None
+    picture = card.detections.image.copy()
+    picture.thumbnail((WANDB_LONG_SIDE, WANDB_LONG_SIDE), Image.LANCZOS)
+    box_data, class_labels = wandb_box_data(card, max_boxes)
+    caption = f"{card.row.get('sent', '')} (score {float(card.row.get('score', 0)):.3f})"
+    return wandb.Image(picture, caption=caption,
+                       boxes={"detections": {"box_data": box_data, "class_labels": class_labels}})
+
+
+def log_report_images(run, galleries: dict[str, list[Card]], rows_limit: int) -> dict[int, object]:
+    """Log each gallery's pictures under `report/<gallery>` (stored in the run's media files, offline runs too) and
+    return {row position: wandb.Image} for the predictions table's `image` column (rows below `rows_limit`)."""
+    by_row: dict[int, object] = {}
+    for key, cards in galleries.items():
+        images = []
+        for card in cards:
+            if card.position not in by_row:
+                by_row[card.position] = wandb_card_image(card)
+            if by_row[card.position] is not None:
+                images.append(by_row[card.position])
+        if images:
+            run.log({f"report/{key}": images})
+    return {position: image for position, image in by_row.items() if position < rows_limit and image is not None}
