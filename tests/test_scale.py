@@ -16,11 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 from e2e_helpers import REPO_ROOT, make_eval_fixture, run_script
 from omegaconf import OmegaConf
 
@@ -29,7 +31,7 @@ from lxmert_pl.detector.extraction import ExtractionJob, detector_file_digests, 
 from lxmert_pl.detector.sharded import ShardedExtraction
 from lxmert_pl.detector.random_weights import synthetic_image
 from lxmert_pl.errors import ConfigError
-from lxmert_pl.features import iter_tsv_features, read_img_ids
+from lxmert_pl.features import read_img_ids
 from lxmert_pl.runs.placement import choose_strategy
 
 NUM_IMAGES = 7
@@ -214,12 +216,22 @@ def test_two_node_eval_on_features_matches_one_process(tmp_path):
     _same_predictions(tmp_path / "two", tmp_path / "one")
 
 
-@pytest.mark.slow
-def test_two_node_one_step_eval_matches_one_process(tmp_path):
-    """--images: rank 0 extracts every image into the cache once, the other node waits and reads it."""
-    sample = REPO_ROOT / "data" / "sample"
+def _detections(log: Path) -> list[tuple[str, str]]:
+    """(node, img_id) of every image a detector ran on, as tests/counted_eval.py logged them (all runs, all nodes)."""
+    return [(node, img_id) for node, _, img_id in (line.split("\t") for line in log.read_text().splitlines())]
+
+
+def _demo_detector_or_skip() -> None:
     if not (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
         pytest.skip("bundled demo detector absent (checkpoints/demo/frcnn): make it with scripts/make_demo.py")
+
+
+@pytest.mark.slow
+def test_two_node_one_step_eval_matches_one_process(tmp_path):
+    """--images without the cache: each distinct image is detected once, by the node that owns it, and handed to the
+    node whose pairs need it."""
+    sample = REPO_ROOT / "data" / "sample"
+    _demo_detector_or_skip()
     pairs = json.loads((sample / "val_pairs.json").read_text())
     chosen = sorted({p["img_id"] for p in pairs})[:4]
     (tmp_path / "images").mkdir()
@@ -227,10 +239,67 @@ def test_two_node_one_step_eval_matches_one_process(tmp_path):
         shutil.copy(sample / "images" / "val" / f"{img_id}.png", tmp_path / "images")
     (tmp_path / "pairs.json").write_text(json.dumps([p for p in pairs if p["img_id"] in chosen]))
     args = ["--ckpt", "demo-lxrt", "--pairs", tmp_path / "pairs.json", "--images", tmp_path / "images",
-            "--given-boxes", sample / "boxes.json", "data.batch_size=4"]
+            "--given-boxes", sample / "boxes.json", "data.batch_size=4", "detector.cache=false"]
     proc = run_script("eval.py", *args, "--out", tmp_path / "one", "--accelerator", "cpu", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _run_nodes("eval.py", [*args, "--out", tmp_path / "two"])
+    log = tmp_path / "detections.txt"
+    logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args, "--out", tmp_path / "two"])
     _same_predictions(tmp_path / "two", tmp_path / "one")
-    cache = tmp_path / "two" / "image_features.tsv"
-    assert sorted(row.img_id for row in iter_tsv_features(cache)) == chosen  # each image extracted once, by rank 0
+    assert not (tmp_path / "two" / "image_features.tsv").exists()
+    detected = _detections(log)
+    assert sorted(img_id for _, img_id in detected) == chosen  # each image once, across the nodes
+    assert Counter(node for node, _ in detected) == {"0": 2, "1": 2}
+    assert "detected 4 images on 2 process(es)" in logs[0] and "img/s overall" in logs[0]
+
+
+@pytest.fixture(scope="module")
+def one_step_reference(tmp_path_factory, one_torch_thread) -> Path:
+    """One-step eval of the bundled val set (100 images, 200 pairs) in one process (in this one: no start-up)."""
+    _demo_detector_or_skip()
+    out = tmp_path_factory.mktemp("one_step") / "one"
+    eval_script = load_script(REPO_ROOT / "eval.py", "eval_entry_point")
+    assert eval_script.main([*ONE_STEP_VAL, "--out", str(out), "--accelerator", "cpu"]) == 0
+    return out
+
+
+ONE_STEP_VAL = ["--ckpt", "demo-lxrt", "--pairs", str(REPO_ROOT / "data" / "sample" / "val_pairs.json"),
+                "--images", str(REPO_ROOT / "data" / "sample" / "images" / "val")]
+
+
+@pytest.mark.slow
+def test_two_node_one_step_eval_shares_the_detection_and_resumes_a_killed_node(one_step_reference, tmp_path):
+    """The bundled val set on two nodes with the cache: each node detects its half of the distinct images into its
+    shard of the cache. Node 1 is SIGKILLed after 30 of its 50 rows (node 0 ends at the gather that follows its
+    share); the same command then resumes both shards (node 0's is complete: it waits) and ends with the one-process
+    result. Every image is detected exactly once over both runs (counted by tests/counted_eval.py)."""
+    out, log = tmp_path / "two", tmp_path / "detections.txt"
+    cache = out / "image_features.tsv"
+    shards = [out / f"image_features.tsv.shard{k}.tsv" for k in (0, 1)]
+    args = [*ONE_STEP_VAL, "--out", out]
+    processes = _start_nodes("tests/counted_eval.py", [log, 30, "--", *args])
+    try:
+        killed = processes[1].communicate(timeout=300)[0]
+        assert processes[1].returncode == -signal.SIGKILL, killed[-3000:]
+        try:
+            processes[0].communicate(timeout=90)  # its peer is gone: the gather after its share fails
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        for process in processes:
+            process.kill()
+            process.communicate()
+    assert [len(read_img_ids(shard)) for shard in shards] == [50, 30]
+    assert not cache.exists() or not read_img_ids(cache)  # nothing merged: the kill came before the merge
+
+    logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args])
+    assert "resuming the 2 shard file(s) of an interrupted run" in logs[0]
+    assert "rank 0: resuming" in logs[0] and "rank 1: resuming" in logs[1]
+    assert "detected 20 images on 2 process(es)" in logs[0] and "rank 0: 0, rank 1: 20 (" in logs[0]
+    _same_predictions(out, one_step_reference)
+    assert cache.read_bytes() == (one_step_reference / "image_features.tsv").read_bytes()
+    assert not list(out.glob("image_features.tsv.shard*")) and not (out / "image_features.tsv.shards.json").exists()
+    detected = _detections(log)
+    val_ids = sorted({p["img_id"] for p in json.loads((REPO_ROOT / "data" / "sample" / "val_pairs.json").read_text())})
+    assert len(val_ids) == 100 and sorted(img_id for _, img_id in detected) == val_ids  # each exactly once
+    per_node = Counter(node for node, _ in detected)
+    assert 40 <= per_node["0"] <= 60 and 40 <= per_node["1"] <= 60, per_node

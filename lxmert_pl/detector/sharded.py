@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -176,9 +177,34 @@ class RankRates:
         total = sum(n for n, _ in self.ranks)
         wall = max((s for _, s in self.ranks), default=0.0)
         overall = f"{total / wall:.1f} img/s overall" if wall > 0 else "no time"
-        parts = [f"rank {k}: {n} ({n / s:.1f} img/s)" if s > 0 else f"rank {k}: {n}"
+        parts = [f"rank {k}: {n} ({n / s:.1f} img/s)" if n and s > 0 else f"rank {k}: {n}"
                  for k, (n, s) in enumerate(self.ranks)]
         return f"{what} {total} images on {len(self.ranks)} process(es) in {wall:.1f} s, {overall}; {', '.join(parts)}"
+
+
+class _NoteInterrupts:
+    """Notes whether SIGINT (Ctrl-C) arrived while the run was on, then lets the previous handler act on it (Python's
+    raises KeyboardInterrupt); `restore()` puts that handler back. Not in the main thread: notes nothing."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        except ValueError:  # signals are for the main thread only
+            self._previous = None
+
+    def _note(self, signum: int, frame) -> None:
+        self.seen = True
+        if callable(self._previous):
+            self._previous(signum, frame)
+        elif self._previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def single_process_trainer(device: str = "cpu") -> pl.Trainer:
@@ -236,6 +262,7 @@ class ShardedExtraction(pl.LightningModule):
                 f"strategy {type(trainer.strategy).__name__} starts its processes from inside the run, so the output "
                 "cannot be merged after it: use strategy=ddp (or torchrun / SLURM)"
             )
+        interrupted = _NoteInterrupts()
         try:
             try:
                 trainer.predict(self, return_predictions=False)
@@ -245,21 +272,28 @@ class ShardedExtraction(pl.LightningModule):
                 raise
             self._finish(trainer)
         except KeyboardInterrupt:
-            self._close()
-            raise InterruptedRunError(self._interrupted_report(trainer.world_size)) from None
+            raise InterruptedRunError(self._interrupted_report()) from None
+        except Exception:
+            # Ctrl-C reaches every process: one waiting at the gather for the others sees them end first.
+            if not interrupted.seen:
+                raise
+            raise InterruptedRunError(self._interrupted_report()) from None
         finally:
+            interrupted.restore()
             self._close()
         return self.result
 
-    def _interrupted_report(self, world: int) -> str:
-        """What an interrupted run leaves on disk (complete rows only; partial last lines are cut on resume)."""
-        kept = self.out.exists() and self.out.stat().st_size > 0
-        rows = f"{self.out} holds {len(read_img_ids(self.out)) if kept else 0} rows"
-        shards = [s for s in leftover_shards(self.out)]
+    def _interrupted_report(self) -> str:
+        """What an interrupted run leaves on disk: only whole rows count (a partial last line is cut on resume)."""
+        shards = leftover_shards(self.out)
         if shards:
-            in_shards = sum(len(read_img_ids(s)) for s in shards if s.stat().st_size > 0)
-            rows += f"; {len(shards)} shard file(s) {self.out.name}.shardK.tsv hold {in_shards} more"
-        return f"{rows}. Run the same command again to extract the rest (finished rows are kept)"
+            kept = (f"the rows extracted so far are in the shard files {self.out.name}.shard0.tsv .. "
+                    f"shard{len(shards) - 1}.tsv beside {self.out} ({len(self.paths) - self.result.already_done} "
+                    "images were to do)")
+        else:
+            written = self._writer.rows_written if self._writer is not None else self.result.written
+            kept = f"{self.out} holds {self.result.already_done + written} of {len(self.paths)} images"
+        return f"{kept}. Run the same command again to extract the rest (finished rows are kept)"
 
     def setup(self, stage: str) -> None:
         """Rank 0 opens the output and plans; every rank opens its shard (the process group exists here)."""
