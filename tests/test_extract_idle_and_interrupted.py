@@ -127,3 +127,13 @@ def test_ctrl_c_on_two_processes_then_resume_with_a_complete_shard(images, detec
     assert "rank 0: 0, rank 1: " in stdout
     assert out.read_bytes() == reference.read_bytes()
     assert not list(tmp_path.glob("feats.tsv.shard*")) and not (tmp_path / "feats.tsv.shards.json").exists()
+
+
+def test_extraction_and_sharded_import_in_one_direction():
+    """sharded.py (the run on Lightning's predict loop, with run_extraction) builds on extraction.py (the per-image
+    engine and the output's files); extraction.py never imports it back, not even inside a function."""
+    from test_architecture import PACKAGE, imported_modules
+
+    detector = PACKAGE / "detector"
+    assert "lxmert_pl.detector.extraction" in imported_modules(detector / "sharded.py")
+    assert "lxmert_pl.detector.sharded" not in imported_modules(detector / "extraction.py")

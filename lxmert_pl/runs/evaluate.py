@@ -172,7 +172,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         return _evaluate(cfg, name, out_dir)
     except KeyboardInterrupt:
         cache = out_dir / "image_features.tsv"
-        kept = f"; the image-feature cache {cache} keeps the images extracted so far" if cache.exists() else ""
+        shards = sorted(out_dir.glob("image_features.tsv.shard*.tsv"))  # several processes: their shares so far
+        kept = ""
+        if cache.exists() or shards:
+            with_shards = f" and its {len(shards)} shard files" if shards else ""
+            kept = f"; the image-feature cache {cache}{with_shards} keep the images extracted so far"
         raise InterruptedRunError(f"no results were written to {out_dir} (an earlier run's results there are "
                                   f"unchanged){kept}. Run the same command again to start over") from None
 
