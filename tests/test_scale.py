@@ -279,8 +279,9 @@ ONE_STEP_VAL = ["--ckpt", "demo-lxrt", "--pairs", str(REPO_ROOT / "data" / "samp
 def test_two_node_one_step_eval_shares_the_detection_and_resumes_a_killed_node(one_step_reference, tmp_path):
     """The bundled val set on two nodes with the cache: each node detects its half of the distinct images into its
     shard of the cache. Node 1 is SIGKILLed after 32 of its 50 rows, a whole number of detector batches (4), so no
-    detection is lost in flight (node 0 ends at the gather that follows its share); the same command then resumes both shards (node 0's is complete: it waits) and ends with the one-process
-    result. Every image is detected exactly once over both runs (counted by tests/counted_eval.py)."""
+    detection is lost in flight (node 0 ends at the gather that follows its share); the same command then resumes
+    both shards (node 0's is complete: it waits) and ends with the one-process result. Every image is detected
+    exactly once over both runs (counted by tests/counted_eval.py)."""
     out, log = tmp_path / "two", tmp_path / "detections.txt"
     cache = out / "image_features.tsv"
     shards = [out / f"image_features.tsv.shard{k}.tsv" for k in (0, 1)]
