@@ -30,11 +30,11 @@ from lxmert_pl.detector.extraction import (
     extraction_settings,
     list_images,
     load_given_boxes,
-    run_extraction,
     shard_path,
     skipped_path,
 )
 from lxmert_pl.detector.random_weights import synthetic_image
+from lxmert_pl.detector.sharded import run_extraction
 from lxmert_pl.features.sources import FeatureSource
 from lxmert_pl.features import (
     ExtractionSettings,

@@ -16,11 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 from e2e_helpers import REPO_ROOT, make_eval_fixture, run_script
 from omegaconf import OmegaConf
 
@@ -214,12 +216,31 @@ def test_two_node_eval_on_features_matches_one_process(tmp_path):
     _same_predictions(tmp_path / "two", tmp_path / "one")
 
 
-@pytest.mark.slow
-def test_two_node_one_step_eval_matches_one_process(tmp_path):
-    """--images: rank 0 extracts every image into the cache once, the other node waits and reads it."""
-    sample = REPO_ROOT / "data" / "sample"
+def _same_rows(tsv: Path, reference: Path) -> None:
+    """The same rows in the same order (features within float rounding: images after a cut may be batched anew)."""
+    rows, expected = list(iter_tsv_features(tsv)), list(iter_tsv_features(reference))
+    assert [r.img_id for r in rows] == [r.img_id for r in expected]
+    for row, want in zip(rows, expected):
+        np.testing.assert_allclose(row.boxes, want.boxes, atol=1e-4)
+        np.testing.assert_allclose(row.features, want.features, atol=1e-5)
+
+
+def _detections(log: Path) -> list[tuple[str, str]]:
+    """(node, img_id) of every image a detector ran on, as tests/counted_eval.py logged them (all runs, all nodes)."""
+    return [(node, img_id) for node, _, img_id in (line.split("\t") for line in log.read_text().splitlines())]
+
+
+def _demo_detector_or_skip() -> None:
     if not (REPO_ROOT / "checkpoints" / "demo" / "frcnn" / "config.yaml").exists():
         pytest.skip("bundled demo detector absent (checkpoints/demo/frcnn): make it with scripts/make_demo.py")
+
+
+@pytest.mark.slow
+def test_two_node_one_step_eval_matches_one_process(tmp_path):
+    """--images without the cache: each distinct image is detected once, by the node that owns it, and handed to the
+    node whose pairs need it."""
+    sample = REPO_ROOT / "data" / "sample"
+    _demo_detector_or_skip()
     pairs = json.loads((sample / "val_pairs.json").read_text())
     chosen = sorted({p["img_id"] for p in pairs})[:4]
     (tmp_path / "images").mkdir()
@@ -227,10 +248,94 @@ def test_two_node_one_step_eval_matches_one_process(tmp_path):
         shutil.copy(sample / "images" / "val" / f"{img_id}.png", tmp_path / "images")
     (tmp_path / "pairs.json").write_text(json.dumps([p for p in pairs if p["img_id"] in chosen]))
     args = ["--ckpt", "demo-lxrt", "--pairs", tmp_path / "pairs.json", "--images", tmp_path / "images",
-            "--given-boxes", sample / "boxes.json", "data.batch_size=4"]
+            "--given-boxes", sample / "boxes.json", "data.batch_size=4", "detector.cache=false"]
     proc = run_script("eval.py", *args, "--out", tmp_path / "one", "--accelerator", "cpu", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _run_nodes("eval.py", [*args, "--out", tmp_path / "two"])
+    log = tmp_path / "detections.txt"
+    logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args, "--out", tmp_path / "two"])
     _same_predictions(tmp_path / "two", tmp_path / "one")
-    cache = tmp_path / "two" / "image_features.tsv"
-    assert sorted(row.img_id for row in iter_tsv_features(cache)) == chosen  # each image extracted once, by rank 0
+    assert not (tmp_path / "two" / "image_features.tsv").exists()
+    detected = _detections(log)
+    assert sorted(img_id for _, img_id in detected) == chosen  # each image once, across the nodes
+    assert Counter(node for node, _ in detected) == {"0": 2, "1": 2}
+    assert "detected 4 images on 2 process(es)" in logs[0] and "img/s overall" in logs[0]
+
+
+@pytest.fixture(scope="module")
+def one_step_reference(tmp_path_factory, one_torch_thread) -> Path:
+    """One-step eval of the bundled val set (100 images, 200 pairs) in one process (in this one: no start-up)."""
+    _demo_detector_or_skip()
+    out = tmp_path_factory.mktemp("one_step") / "one"
+    eval_script = load_script(REPO_ROOT / "eval.py", "eval_entry_point")
+    assert eval_script.main([*ONE_STEP_VAL, "--out", str(out), "--accelerator", "cpu"]) == 0
+    return out
+
+
+ONE_STEP_VAL = ["--ckpt", "demo-lxrt", "--pairs", str(REPO_ROOT / "data" / "sample" / "val_pairs.json"),
+                "--images", str(REPO_ROOT / "data" / "sample" / "images" / "val")]
+
+
+@pytest.mark.slow
+def test_two_node_one_step_eval_shares_the_detection_and_resumes_a_killed_node(one_step_reference, tmp_path):
+    """The bundled val set on two nodes with the cache: each node detects its half of the distinct images into its
+    shard of the cache. Node 1 is SIGKILLed after 32 of its 50 rows, a whole number of detector batches (4), so no
+    detection is lost in flight (node 0 ends at the gather that follows its share); the same command then resumes
+    both shards (node 0's is complete: it waits) and ends with the one-process result. Every image is detected
+    exactly once over both runs (counted by tests/counted_eval.py)."""
+    out, log = tmp_path / "two", tmp_path / "detections.txt"
+    cache = out / "image_features.tsv"
+    shards = [out / f"image_features.tsv.shard{k}.tsv" for k in (0, 1)]
+    args = [*ONE_STEP_VAL, "--out", out]
+    processes = _start_nodes("tests/counted_eval.py", [log, 32, "--", *args])
+    try:
+        killed = processes[1].communicate(timeout=300)[0]
+        assert processes[1].returncode == -signal.SIGKILL, killed[-3000:]
+        try:
+            processes[0].communicate(timeout=90)  # its peer is gone: the gather after its share fails
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        for process in processes:
+            process.kill()
+            process.communicate()
+    assert [len(read_img_ids(shard)) for shard in shards] == [50, 32]
+    assert not cache.exists() or not read_img_ids(cache)  # nothing merged: the kill came before the merge
+
+    logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args])
+    assert "resuming the 2 shard file(s) of an interrupted run" in logs[0]
+    assert "rank 0: resuming" in logs[0] and "rank 1: resuming" in logs[1]
+    assert "detected 18 images on 2 process(es)" in logs[0] and "rank 0: 0, rank 1: 18 (" in logs[0]
+    _same_predictions(out, one_step_reference)
+    _same_rows(cache, one_step_reference / "image_features.tsv")
+    assert not list(out.glob("image_features.tsv.shard*")) and not (out / "image_features.tsv.shards.json").exists()
+    detected = _detections(log)
+    val_ids = sorted({p["img_id"] for p in json.loads((REPO_ROOT / "data" / "sample" / "val_pairs.json").read_text())})
+    assert len(val_ids) == 100 and sorted(img_id for _, img_id in detected) == val_ids  # each exactly once
+    per_node = Counter(node for node, _ in detected)
+    assert 40 <= per_node["0"] <= 60 and 40 <= per_node["1"] <= 60, per_node
+
+
+@pytest.mark.slow
+def test_two_node_one_step_retrieval_detects_each_image_once(tmp_path, one_torch_thread):
+    """eval.py --task retrieval --images on two nodes: the images are shared out as for matching (each detected once,
+    into the shards of the cache), every node reads them all; scores equal one process."""
+    _demo_detector_or_skip()
+    sample = REPO_ROOT / "data" / "sample"
+    captions = json.loads((sample / "captions_val.json").read_text())[:6]
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    (tmp_path / "images").mkdir()
+    for entry in captions:
+        shutil.copy(sample / "images" / "val" / f"{entry['img_id']}.png", tmp_path / "images")
+    args = ["--task", "retrieval", "--ckpt", "demo-lxrt", "--captions", str(tmp_path / "captions.json"),
+            "--images", str(tmp_path / "images")]
+    eval_script = load_script(REPO_ROOT / "eval.py", "eval_entry_point")
+    assert eval_script.main([*args, "--out", str(tmp_path / "one"), "--accelerator", "cpu"]) == 0
+    log = tmp_path / "detections.txt"
+    logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args, "--out", tmp_path / "two"])
+    assert "detected 6 images on 2 process(es)" in logs[0] and "rank 0: 3 (" in logs[0]
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "scores.npy"), np.load(tmp_path / "one" / "scores.npy"),
+                               atol=1e-6)
+    detected = _detections(log)
+    assert sorted(img_id for _, img_id in detected) == sorted(entry["img_id"] for entry in captions)
+    assert Counter(node for node, _ in detected) == {"0": 3, "1": 3}
+    _same_rows(tmp_path / "two" / "image_features.tsv", tmp_path / "one" / "image_features.tsv")

@@ -6,24 +6,23 @@ are merged first); unreadable images (and file names that cannot be a TSV img_id
 with the reason in `<out>.skipped.txt`. The output is only ever appended to when it is proven to be a feature TSV
 (`features.lines.prove_feature_tsv`) made with the same settings (`<out>.meta.json`, `features.provenance`), and
 only by one run at a time (`<out>.lock`, `features.locking`).
-The work runs on Lightning's predict loop (`sharded.py`): with several processes (devices, nodes) each global rank
-K extracts a contiguous share of the images into `<out>.shardK.tsv`; at the end global rank 0 appends the shards to
-the output in input order and removes them. A killed sharded run resumes shard by shard (same processes, same
-images), else its shards are merged first.
+The work runs on Lightning's predict loop (`sharded.py`, whose `run_extraction` is the entry point; it builds on this
+module, which never imports it): with several processes (devices, nodes) each global rank K extracts a contiguous
+share of the images into `<out>.shardK.tsv`; at the end global rank 0 appends the shards to the output in input
+order and removes them. A killed sharded run resumes shard by shard (same processes, same images), else its shards
+are merged first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
 from .. import __version__
@@ -34,7 +33,7 @@ from ..features.locking import lock_path
 from ..features.provenance import ExtractionSettings, claim_tsv, sha256_of_file
 from ..features.record import ImageFeatures, box_problem
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
-from .loading import DetectorLoadReport, load_detector
+from .loading import DetectorLoadReport
 from .model import BottomUpFasterRCNN
 from .preprocess import ImageReadError, read_image
 from .selection import BoxSelection
@@ -267,8 +266,6 @@ def leftover_shards(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-
-
 @dataclass(frozen=True)
 class ExtractionJob:
     """What every process needs to extract images the same way."""
@@ -276,67 +273,6 @@ class ExtractionJob:
     selection: BoxSelection
     given_boxes: dict[str, np.ndarray] | None
     batch_size: int
-
-
-def run_extraction(
-    paths: Sequence[Path],
-    out: str | Path,
-    detector: str | Path,
-    selection: BoxSelection,
-    given_boxes: dict[str, np.ndarray] | None = None,
-    batch_size: int = 1,
-    device: str = "cpu",
-    detector_config: str | Path | None = None,
-    log: Callable[[str], None] = print,
-    geometry: str | None = None,
-    precision: str = "fp32",
-    trainer: pl.Trainer | None = None,
-) -> ExtractionResult:
-    """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees), with the
-    detector's `geometry` ("port" or "caffe", `geometry.py`) and `precision` ("fp32" or "bf16": the RoI head's res5
-    in bfloat16; proposals and outputs float32).
-
-    `trainer` places the work (`sharded.ShardedExtraction`): its devices and nodes, one process each, extract
-    their share of the images; call this function in every process (the `ddp` strategy, torchrun, SLURM). Without
-    a trainer: one process on `device` ("cpu" or "cuda"). Returns the counts of this process (on global rank 0:
-    of the whole run)."""
-    from .sharded import ShardedExtraction, single_process_trainer  # sharded.py builds on this module
-
-    out = Path(out)
-    if not paths:
-        raise UserInputError(f"no images to extract into {out}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    trainer = trainer or single_process_trainer(device)
-    _prepare_output_folder(out)
-    job = ExtractionJob(selection, given_boxes, batch_size)
-
-    # Loaded on the CPU; Lightning moves it to this process's device. Every process loads it (checks the checkpoint).
-    model, report = load_detector(
-        detector, config=detector_config, device="cpu", geometry=geometry, precision=precision
-    )
-    if trainer.is_global_zero:
-        log(report.summary())
-    settings = extraction_settings(
-        model, str(detector), detector_file_digests(report), selection, given_boxes,
-        None if given_boxes is None else boxes_digest(given_boxes),
-    )  # fmt: skip
-    return ShardedExtraction(model, paths, out, settings, job, log).run(trainer)
-
-
-def _prepare_output_folder(out: Path) -> None:
-    """UserInputError naming `out` for an output path that is a folder, lies under a file, or cannot be written."""
-    if out.is_dir():
-        raise UserInputError(f"--out {out} is a directory; give a file path, such as {out / 'features.tsv'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [out.parent, *out.parent.parents] if p.exists() and not p.is_dir()), out.parent)
-        raise UserInputError(f"cannot create the folder of --out {out}: {blocker} is a file") from None
-    except PermissionError as error:
-        raise UserInputError(f"cannot create the folder of --out {out}: {error}") from None
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UserInputError(f"cannot write --out {out}: permission denied")
 
 
 def open_output(out: Path, settings: ExtractionSettings, log: Callable[[str], None]) -> set[str]:

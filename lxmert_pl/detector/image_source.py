@@ -5,6 +5,12 @@ For one-step matching on raw images, `ImageFolderFeatureSource` implements the `
 DataLoader iterates over it: all needed images are then extracted up front, in batches, with a progress bar, and the
 DataLoader only reads.
 
+With several processes (DDP), `prefetch_shared` splits the distinct images over them as `extract.py --devices N`
+does (`sharded.py`): each global rank detects its contiguous share, each distinct image once. With the cache, each
+rank writes its share into `<cache>.shardK.tsv` (kept, and resumed, after a killed run), global rank 0 merges the
+shards in input order behind a barrier and every rank reads the merged cache; without it, the features go to the
+ranks that need them through the process group, in rounds.
+
 The cache TSV answers only for the inputs that made its rows. Its settings (detector weights, selection or given
 boxes, geometry, precision, test scale) are recorded in `<cache>.meta.json` (`features.provenance`): a cache made
 with other settings is discarded. Each row is keyed in `<cache>.keys.json` by the sha256 of the image file's content
@@ -16,10 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ..features.errors import FeatureFileError, MissingImageError
@@ -28,20 +37,26 @@ from ..features.locking import WriteLock
 from ..features.provenance import claim_tsv, read_settings, sidecar_path
 from ..features.record import ImageFeatures
 from ..features.tsv import TsvReader, TsvWriter, iter_tsv_features, read_img_ids
+from ..distributed import on_rank_zero
 from ..fileio import write_atomically
 from .extraction import (
     boxes_digest,
     extract_batches,
     extraction_settings,
     image_id,
+    leftover_shards,
     list_images,
+    remove_shards,
+    shard_path,
     state_dict_digest,
 )
 from .loading import load_detector
 from .model import BottomUpFasterRCNN
 from .selection import OBJ36, BoxSelection
+from .sharded import RankRates, ShardPlan, merge_shards, plan_path, rank_share, resume_shard
 
 KEYS_SUFFIX = ".keys.json"
+EXCHANGE_ROUND = 64  # images per rank per round when features are handed between processes (no cache)
 
 
 class ExtractionFailedError(RuntimeError):
@@ -87,6 +102,7 @@ class ImageFolderFeatureSource:
         self._rows_in_cache: set[str] = set()
         self._reader: TsvReader | None = None
         self._follower = False  # reads a cache another process writes (`follow_cache`)
+        self._shard_lock: WriteLock | None = None  # global rank 0 of `prefetch_shared`: from the plan to the merge
         if self.cache_path is not None:
             self._open_cache()
 
@@ -164,6 +180,128 @@ class ImageFolderFeatureSource:
         if failures:
             listing = "; ".join(f"{path}: {reason}" for path, reason in failures)
             raise ExtractionFailedError(f"{len(failures)} image(s) gave no features: {listing}")
+
+    # ---- extraction on several processes ---------------------------------------------------------------------------
+    def prefetch_shared(
+        self,
+        img_ids: Iterable[str],
+        batch_size: int,
+        trainer: Any,
+        cache_path: str | Path | None = None,
+        needed: Iterable[str] | None = None,
+    ) -> RankRates:
+        """`prefetch` by every process of a DDP run together: each distinct image of `img_ids` (the same list in
+        every process) not extracted yet is detected once, by the global rank whose share (`sharded.rank_share`)
+        holds it. Call it in every process where the process group exists (a `setup` hook); `trainer` is the
+        Lightning Trainer (ranks, broadcast).
+
+        With `cache_path` (global rank 0's source is the one made with that cache; the others are made without one):
+        each rank writes its share into `<cache>.shardK.tsv`; rank 0 (holding the cache's lock from the plan to the
+        merge) appends the shards to the cache in input order, and every rank then reads the cache. A killed run's
+        shards are resumed by a rerun with the same images and processes, else discarded. Without a cache: the
+        features of `needed` (this rank's images; default all) reach this rank's memory from the ranks that
+        detected them, `EXCHANGE_ROUND` images per rank at a time.
+
+        Raises MissingImageError (unknown id) or ExtractionFailedError (images without a row; the others are kept)
+        in every process alike. Returns the images and seconds of every rank (`RankRates.describe`)."""
+        world, rank = trainer.world_size, trainer.global_rank
+        wanted = list(dict.fromkeys(img_ids))
+        for img_id in wanted:
+            if img_id not in self._paths:
+                raise MissingImageError(img_id, [self.describe()])
+        rates, failures = RankRates(), []
+        if cache_path is None:
+            self._exchange(wanted, batch_size, world, rank, set(wanted if needed is None else needed), rates, failures)
+        else:
+            cache_path = Path(cache_path)
+            todo = on_rank_zero(trainer, lambda: self._plan_shards(wanted, world, cache_path))
+            shard = shard_path(cache_path, rank)
+            present = resume_shard(shard)
+            mine = [i for i in rank_share(todo, world, rank) if i not in present]
+            if present:
+                print(f"rank {rank}: resuming {shard} ({len(present)} rows there, {len(mine)} to detect)")
+            with TsvWriter(shard, append=True, repair=True) as writer:
+                self._detect(mine, batch_size, writer.write, failures, rates, f"detect [rank {rank}/{world}]")
+        every = _all_gather((rates.images, rates.seconds, failures), world)  # also: every shard is closed
+        rates.ranks = [(images, seconds) for images, seconds, _ in every]
+        if cache_path is not None:
+            on_rank_zero(trainer, lambda: self._merge_shards(cache_path, world, todo))
+            if rank != 0:
+                self.follow_cache(cache_path)
+        failed = [failure for _, _, part in every for failure in part]
+        if failed:
+            listing = "; ".join(f"{path}: {reason}" for path, reason in failed)
+            raise ExtractionFailedError(f"{len(failed)} image(s) gave no features: {listing}")
+        return rates
+
+    def _detect(self, img_ids: list[str], batch_size: int, write, failures: list, rates: RankRates, desc: str) -> None:
+        """Run the detector over `img_ids` (rows to `write`, failures appended), counted and timed in `rates`."""
+        rates.start()
+        with tqdm(total=len(img_ids), unit="img", desc=desc, disable=not img_ids) as bar:
+            extract_batches(
+                self.detector, [self._paths[i] for i in img_ids], self.selection, self.given_boxes, batch_size,
+                write, lambda path, reason: failures.append((path, reason)), bar.update,
+            )  # fmt: skip
+        rates.stop()
+        rates.add(len(img_ids))
+
+    def _plan_shards(self, wanted: list[str], world: int, cache_path: Path) -> list[str]:
+        """Global rank 0: lock the cache (until `_merge_shards`), drop rows of changed images, keep or discard the
+        shards of an interrupted run, and list the images still to detect."""
+        if self.cache_path is None or self.cache_path.resolve() != cache_path.resolve():
+            raise ValueError(f"global rank 0's source must be the one made with the cache {cache_path}")
+        self._shard_lock = WriteLock(cache_path)
+        try:
+            todo = [i for i in wanted if not self._is_cached(i)]
+            self._drop_cached_rows([i for i in todo if i in self._rows_in_cache])
+            # The plan names the images by content: a rerun resumes the shards only for the same inputs.
+            digest = hashlib.sha256("\n".join(f"{i}\t{self._key(i)}" for i in todo).encode("utf-8"))
+            plan = ShardPlan(world, digest.hexdigest())
+            leftovers = leftover_shards(cache_path)
+            if leftovers and ShardPlan.read(cache_path) != plan:
+                print(f"feature cache {cache_path}: {len(leftovers)} shard file(s) of an interrupted run with other "
+                      "images or another number of processes: discarded")
+                remove_shards(leftovers)
+            elif leftovers:
+                print(f"feature cache {cache_path}: resuming the {len(leftovers)} shard file(s) of an interrupted run")
+            plan.write(cache_path)
+            print(f"{len(wanted)} images: {len(wanted) - len(todo)} in the feature cache {cache_path}, {len(todo)} to "
+                  f"detect on {world} process(es)")
+            return todo
+        except BaseException:
+            self._shard_lock.release()
+            raise
+
+    def _merge_shards(self, cache_path: Path, world: int, todo: list[str]) -> None:
+        """Global rank 0, once every shard is closed: append them to the cache in input order, record the rows'
+        keys, remove the shards, release the lock."""
+        try:
+            done = set(self._rows_in_cache)
+            merge_shards(cache_path, world, done)
+            for img_id in todo:
+                if img_id in done:
+                    self._cached[img_id] = self._key(img_id)
+            self._rows_in_cache = done
+            self._save_keys()
+            self._reader = None
+        finally:
+            self._shard_lock.release()
+
+    def _exchange(self, wanted: list[str], batch_size: int, world: int, rank: int, needed: set[str],
+                  rates: RankRates, failures: list) -> None:
+        """No cache: detect this rank's share, `EXCHANGE_ROUND` images at a time; after each round every rank
+        keeps, of the rows of all ranks, those it needs."""
+        share = rank_share(wanted, world, rank)
+        longest = math.ceil(len(wanted) / world)  # the same number of rounds in every rank
+        for first in range(0, longest, EXCHANGE_ROUND):
+            chunk = share[first : first + EXCHANGE_ROUND]
+            rows = [self._memory[i] for i in chunk if i in self._memory]
+            self._detect([i for i in chunk if i not in self._memory], batch_size, rows.append, failures, rates,
+                         f"detect [rank {rank}/{world}]")
+            for part in _all_gather(rows, world):
+                for features in part:
+                    if features.img_id in needed:
+                        self._memory[features.img_id] = features
 
     def _cache_reader(self) -> TsvReader:
         if self._reader is None:
@@ -249,3 +387,12 @@ class ImageFolderFeatureSource:
         for img_id in dropped:
             self._cached.pop(img_id, None)
         self._reader = None
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    """`obj` of every rank, in rank order (a collective of the initialised process group; `[obj]` alone)."""
+    if world == 1:
+        return [obj]
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, obj)
+    return every

@@ -16,24 +16,35 @@ Resume: the plan of a sharded run (world size + sha256 of the img_ids left to do
 resumes every shard where it stopped, so the output ends byte for byte as an uninterrupted run's (at batch size 1;
 batches of other sizes may group images differently after the cut). Any other rerun first merges the leftover
 shards into the output (without duplicates), then splits what is left anew.
+
+A rank with nothing to do (more processes than images left, or its shard complete on resume) runs an empty step and
+waits at the barrier with the others. Ctrl-C ends the run with `InterruptedRunError` (the CLI: "interrupted", exit
+130) saying what is on disk; the same command resumes. `rank_share`, `resume_shard`, `merge_shards` and
+`RankRates` are the pieces of this protocol that the one-step image cache (`image_source.py`) shares.
+`run_extraction` is the entry point (extract.py): it loads the detector and runs this module on a Trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
+import numpy as np
 import pytorch_lightning as pl
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.sampler import UnpaddedDistributedSampler
 from ..distributed import on_rank_zero
-from ..errors import ConfigError
+from ..errors import ConfigError, InterruptedRunError, UserInputError
 from ..features.lines import repair_truncated
 from ..features.locking import WriteLock
 from ..features.provenance import ExtractionSettings
@@ -43,7 +54,10 @@ from ..fileio import write_atomically
 from .extraction import (
     ExtractionJob,
     ExtractionResult,
+    boxes_digest,
+    detector_file_digests,
     extract_batches,
+    extraction_settings,
     image_id,
     leftover_shards,
     merge_leftover_shards,
@@ -54,7 +68,11 @@ from .extraction import (
     skip_line,
     skipped_path,
 )
+from .loading import load_detector
 from .model import BottomUpFasterRCNN
+from .selection import BoxSelection
+
+T = TypeVar("T")
 
 
 def plan_path(out: Path) -> Path:
@@ -86,6 +104,107 @@ class ShardPlan:
 
     def write(self, out: Path) -> None:
         write_atomically(plan_path(out), json.dumps(asdict(self)))
+
+
+def rank_share(todo: Sequence[T], world: int, rank: int) -> list[T]:
+    """Global rank `rank`'s contiguous slice of `todo` (`UnpaddedDistributedSampler`'s: no padding, the slices in
+    rank order are `todo` in order; a slice may be empty when there are more processes than items)."""
+    sampler = UnpaddedDistributedSampler(todo, num_replicas=world, rank=rank)
+    return list(todo[sampler.start : sampler.stop])
+
+
+def resume_shard(shard: Path) -> set[str]:
+    """The img_ids of the complete rows of `shard`, a rank's shard file left by an interrupted run with the same
+    plan (its partial last line cut away); empty when there is none."""
+    if not shard.exists():
+        return set()
+    repair_truncated(shard)
+    return set(read_img_ids(shard))
+
+
+def merge_shards(out: Path, world: int, done: set[str]) -> tuple[int, list[tuple[str, str]]]:
+    """Rank 0, once every rank has closed its shard: append the rows of `<out>.shardK.tsv` (K = 0..world-1, so in
+    input order) whose img_id is not in `done` to `out` (`done` is updated), read and remove the shards' skipped
+    lists, remove the shards and the plan. Returns (rows appended, skipped (path, reason) in input order)."""
+    shards = [shard_path(out, k) for k in range(world)]
+    written = merge_tsv_rows([s for s in shards if s.exists()], out, done)
+    skipped: list[tuple[str, str]] = []
+    for k in range(world):
+        part = shard_skipped_path(out, k)
+        if part.exists():
+            for line in part.read_text(encoding="utf-8").splitlines():
+                path, _, reason = line.partition("\t")
+                skipped.append((path, reason))
+            part.unlink()
+    remove_shards(shards)
+    plan_path(out).unlink(missing_ok=True)
+    return written, skipped
+
+
+@dataclass
+class RankRates:
+    """Images each rank extracted and how long it took: "images per second per rank and overall".
+
+    Each rank counts its own (`start`, `add`, `stop`); `gather` brings every rank's (count, seconds) to all of
+    them (a collective: call it in every process); `describe` is the line rank 0 prints."""
+
+    images: int = 0
+    seconds: float = 0.0
+    _started: float | None = None
+    ranks: list[tuple[int, float]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def add(self, count: int) -> None:
+        self.images += count
+
+    def stop(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def gather(self, world: int) -> None:
+        local = (self.images, self.seconds)
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            every: list = [None] * world
+            dist.all_gather_object(every, local)
+            self.ranks = [tuple(x) for x in every]
+        else:
+            self.ranks = [local]
+
+    def describe(self, what: str = "extracted") -> str:
+        total = sum(n for n, _ in self.ranks)
+        wall = max((s for _, s in self.ranks), default=0.0)
+        overall = f"{total / wall:.1f} img/s overall" if wall > 0 else "no time"
+        parts = [f"rank {k}: {n} ({n / s:.1f} img/s)" if n and s > 0 else f"rank {k}: {n}"
+                 for k, (n, s) in enumerate(self.ranks)]
+        return f"{what} {total} images on {len(self.ranks)} process(es) in {wall:.1f} s, {overall}; {', '.join(parts)}"
+
+
+class _NoteInterrupts:
+    """Notes whether SIGINT (Ctrl-C) arrived while the run was on, then lets the previous handler act on it (Python's
+    raises KeyboardInterrupt); `restore()` puts that handler back. Not in the main thread: notes nothing."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        except ValueError:  # signals are for the main thread only
+            self._previous = None
+
+    def _note(self, signum: int, frame) -> None:
+        self.seen = True
+        if callable(self._previous):
+            self._previous(signum, frame)
+        elif self._previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def single_process_trainer(device: str = "cpu") -> pl.Trainer:
@@ -126,6 +245,7 @@ class ShardedExtraction(pl.LightningModule):
         self.job = job
         self.log = log
         self.result = ExtractionResult()
+        self.rates = RankRates()
         self._done: set[str] = set()  # rank 0: img_ids in the output
         self._remaining: list[Path] = []  # this rank's images still to extract
         self._lock: WriteLock | None = None
@@ -142,25 +262,46 @@ class ShardedExtraction(pl.LightningModule):
                 f"strategy {type(trainer.strategy).__name__} starts its processes from inside the run, so the output "
                 "cannot be merged after it: use strategy=ddp (or torchrun / SLURM)"
             )
+        interrupted = _NoteInterrupts()
         try:
-            trainer.predict(self, return_predictions=False)
+            try:
+                trainer.predict(self, return_predictions=False)
+            except SystemExit:
+                if trainer.interrupted:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
+                    raise KeyboardInterrupt from None
+                raise
             self._finish(trainer)
+        except KeyboardInterrupt:
+            raise InterruptedRunError(self._interrupted_report()) from None
+        except Exception:
+            # Ctrl-C reaches every process: one waiting at the gather for the others sees them end first.
+            if not interrupted.seen:
+                raise
+            raise InterruptedRunError(self._interrupted_report()) from None
         finally:
+            interrupted.restore()
             self._close()
         return self.result
+
+    def _interrupted_report(self) -> str:
+        """What an interrupted run leaves on disk: only whole rows count (a partial last line is cut on resume)."""
+        shards = leftover_shards(self.out)
+        if shards:
+            kept = (f"the rows extracted so far are in the shard files {self.out.name}.shard0.tsv .. "
+                    f"shard{len(shards) - 1}.tsv beside {self.out} ({len(self.paths) - self.result.already_done} "
+                    "images were to do)")
+        else:
+            written = self._writer.rows_written if self._writer is not None else self.result.written
+            kept = f"{self.out} holds {self.result.already_done + written} of {len(self.paths)} images"
+        return f"{kept}. Run the same command again to extract the rest (finished rows are kept)"
 
     def setup(self, stage: str) -> None:
         """Rank 0 opens the output and plans; every rank opens its shard (the process group exists here)."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
         todo_indices, self.result.already_done = on_rank_zero(self.trainer, lambda: self._plan(world))
-        todo = [self.paths[i] for i in todo_indices]
-        sampler = UnpaddedDistributedSampler(todo, num_replicas=world, rank=rank)
-        mine = todo[sampler.start : sampler.stop]
+        mine = rank_share([self.paths[i] for i in todo_indices], world, rank)
         target = self.out if world == 1 else shard_path(self.out, rank)
-        present: set[str] = set()
-        if world > 1 and target.exists():  # a shard of the same plan: resume it
-            repair_truncated(target)
-            present = set(read_img_ids(target))
+        present = resume_shard(target) if world > 1 else set()  # a shard of the same plan: resume it
         self._remaining = [p for p in mine if image_id(p) not in present]
         if present and self._remaining != mine:
             print(f"rank {rank}: resuming {target} ({len(mine) - len(self._remaining)} of {len(mine)} rows there)")
@@ -206,17 +347,28 @@ class ShardedExtraction(pl.LightningModule):
     # ---- the predict loop ------------------------------------------------------------------------------------------
     def predict_dataloader(self) -> DataLoader:
         # The share is this rank's already: a sampler of one replica keeps it whole, and Lightning never replaces a
-        # DistributedSampler (whatever the Trainer's `use_distributed_sampler`).
-        sampler = UnpaddedDistributedSampler(self._remaining, num_replicas=1, rank=0)
-        return DataLoader(self._remaining, batch_size=self.job.batch_size, sampler=sampler, collate_fn=list)
+        # DistributedSampler (whatever the Trainer's `use_distributed_sampler`). A rank with nothing left gets one
+        # empty item (None): Lightning refuses a loader without batches on one rank, and the rank still has to reach
+        # the barrier of `_finish`.
+        items: list[Path | None] = list(self._remaining) or [None]
+        sampler = UnpaddedDistributedSampler(items, num_replicas=1, rank=0)
+        return DataLoader(items, batch_size=self.job.batch_size, sampler=sampler, collate_fn=list)
 
-    def predict_step(self, batch: list[Path], batch_idx: int) -> int:
+    def on_predict_epoch_start(self) -> None:
+        self.rates.start()
+
+    def on_predict_epoch_end(self) -> None:
+        self.rates.stop()
+
+    def predict_step(self, batch: list[Path | None], batch_idx: int) -> int:
         """Extract one batch into this rank's file; returns its number of images (not kept: rows go to the file)."""
+        paths = [p for p in batch if p is not None]
         extract_batches(
-            self.detector, batch, self.job.selection, self.job.given_boxes, len(batch),
+            self.detector, paths, self.job.selection, self.job.given_boxes, max(len(paths), 1),
             self._write, self._skip, self._bar.update,
         )  # fmt: skip
-        return len(batch)
+        self.rates.add(len(paths))
+        return len(paths)
 
     def _write(self, features: ImageFeatures) -> None:
         self._writer.write(features)
@@ -233,33 +385,21 @@ class ShardedExtraction(pl.LightningModule):
         """Close this rank's files; wait for every rank; rank 0 merges the shards and the skipped lists."""
         self._close_files()
         world = trainer.world_size
+        self.rates.gather(world)  # a collective: every rank waits here for the slowest one (the shards are closed)
         if world > 1:
-            trainer.strategy.barrier("extraction shards written")
             if trainer.global_rank == 0:
-                self._merge_shards(world)
+                self.result.written, self.result.skipped = merge_shards(self.out, world, self._done)
+                with open(skipped_path(self.out), "w", encoding="utf-8") as merged:
+                    merged.writelines(skip_line(path, reason) for path, reason in self.result.skipped)
         if trainer.global_rank == 0:
+            if any(count for count, _ in self.rates.ranks):
+                self.log(self.rates.describe())
             listed = skipped_path(self.out)
             if not self.result.skipped:
                 listed.unlink(missing_ok=True)
             where = f" (listed in {listed})" if self.result.skipped else ""
             self.log(f"wrote {self.result.written} rows to {self.out}; skipped {len(self.result.skipped)} image(s)"
                      f"{where}")
-
-    def _merge_shards(self, world: int) -> None:
-        shards = [shard_path(self.out, k) for k in range(world)]
-        self.result.written = merge_tsv_rows([s for s in shards if s.exists()], self.out, self._done)
-        self.result.skipped = []
-        with open(skipped_path(self.out), "w", encoding="utf-8") as merged:
-            for k in range(world):
-                part = shard_skipped_path(self.out, k)
-                if part.exists():
-                    for line in part.read_text(encoding="utf-8").splitlines(keepends=True):
-                        merged.write(line)
-                        path, _, reason = line.rstrip("\n").partition("\t")
-                        self.result.skipped.append((path, reason))
-                    part.unlink()
-        remove_shards(shards)
-        plan_path(self.out).unlink(missing_ok=True)
 
     def _close_files(self) -> None:
         for handle in (self._writer, self._skipped_file, self._bar):
@@ -272,3 +412,62 @@ class ShardedExtraction(pl.LightningModule):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def run_extraction(
+    paths: Sequence[Path],
+    out: str | Path,
+    detector: str | Path,
+    selection: BoxSelection,
+    given_boxes: dict[str, np.ndarray] | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    detector_config: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    geometry: str | None = None,
+    precision: str = "fp32",
+    trainer: pl.Trainer | None = None,
+) -> ExtractionResult:
+    """Extract every image of `paths` not yet in `out` (see the module docstring for the guarantees), with the
+    detector's `geometry` ("port" or "caffe", `geometry.py`) and `precision` ("fp32" or "bf16": the RoI head's res5
+    in bfloat16; proposals and outputs float32).
+
+    `trainer` places the work (`sharded.ShardedExtraction`): its devices and nodes, one process each, extract
+    their share of the images; call this function in every process (the `ddp` strategy, torchrun, SLURM). Without
+    a trainer: one process on `device` ("cpu" or "cuda"). Returns the counts of this process (on global rank 0:
+    of the whole run)."""
+    out = Path(out)
+    if not paths:
+        raise UserInputError(f"no images to extract into {out}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    trainer = trainer or single_process_trainer(device)
+    _prepare_output_folder(out)
+    job = ExtractionJob(selection, given_boxes, batch_size)
+
+    # Loaded on the CPU; Lightning moves it to this process's device. Every process loads it (checks the checkpoint).
+    model, report = load_detector(
+        detector, config=detector_config, device="cpu", geometry=geometry, precision=precision
+    )
+    if trainer.is_global_zero:
+        log(report.summary())
+    settings = extraction_settings(
+        model, str(detector), detector_file_digests(report), selection, given_boxes,
+        None if given_boxes is None else boxes_digest(given_boxes),
+    )  # fmt: skip
+    return ShardedExtraction(model, paths, out, settings, job, log).run(trainer)
+
+
+def _prepare_output_folder(out: Path) -> None:
+    """UserInputError naming `out` for an output path that is a folder, lies under a file, or cannot be written."""
+    if out.is_dir():
+        raise UserInputError(f"--out {out} is a directory; give a file path, such as {out / 'features.tsv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [out.parent, *out.parent.parents] if p.exists() and not p.is_dir()), out.parent)
+        raise UserInputError(f"cannot create the folder of --out {out}: {blocker} is a file") from None
+    except PermissionError as error:
+        raise UserInputError(f"cannot create the folder of --out {out}: {error}") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserInputError(f"cannot write --out {out}: permission denied")

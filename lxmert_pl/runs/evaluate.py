@@ -21,7 +21,6 @@ from pytorch_lightning.callbacks import Callback
 
 from lxmert_pl.data.datamodule import MatchingDataModule
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
-from lxmert_pl.distributed import on_rank_zero
 from lxmert_pl.errors import InterruptedRunError, UserInputError
 from lxmert_pl.features.sources import expand_feature_paths, open_feature_source
 from lxmert_pl.runs.config import REPO_ROOT
@@ -111,30 +110,35 @@ def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = Tr
 class PrefetchImages(Callback):
     """One-step matching: extract every image the test pairs need (each once) before the test loop reads them.
 
-    Runs in `setup`, where the DDP process group exists. One process: all the images. Several (devices, nodes):
-    with the cache (`detector.cache`, `<out>/image_features.tsv`, on a file system every node sees, like --out),
-    global rank 0 extracts them all into it while the others wait, then they read it (never writing it); without the
-    cache, each process extracts the images of its own pairs, in memory. For many images, extract them first across
-    the nodes with extract.py and evaluate with --features (docs/scale.md)."""
+    Runs in `setup`, where the DDP process group exists. One process: all the images. Several (devices, nodes): the
+    distinct images are split over the processes as extract.py splits them (`ImageFolderFeatureSource.
+    prefetch_shared`): each global rank detects its share, with the cache (`detector.cache`, `<out>/image_features.tsv`,
+    on a file system every node sees, like --out) into its shard file, which rank 0 merges into the cache for all
+    to read; without the cache, the features go to the ranks whose pairs need them. `wanted`, when set, is
+    (source, img_ids) for a run that is not over pairs (retrieval: every process reads every image)."""
 
     def __init__(self, batch_size: int, cache_path: Path | None) -> None:
         self.batch_size = batch_size
         self.cache_path = cache_path
+        self.wanted: tuple[Any, list[str]] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        source = trainer.datamodule.feature_source
+        source = self.wanted[0] if self.wanted is not None else trainer.datamodule.feature_source
         if not hasattr(source, "prefetch"):
             return
-        dataset = trainer.datamodule.datasets[stage]
-        if trainer.world_size == 1:
-            source.prefetch([pair.img_id for pair in dataset.pairs], batch_size=self.batch_size)
-        elif self.cache_path is None:
-            mine = UnpaddedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
-            source.prefetch([dataset.pairs[i].img_id for i in mine], batch_size=self.batch_size)
+        if self.wanted is not None:
+            every = needed = self.wanted[1]
         else:
-            on_rank_zero(trainer, lambda: source.prefetch([p.img_id for p in dataset.pairs], batch_size=self.batch_size))
-            if not trainer.is_global_zero:
-                source.follow_cache(self.cache_path)
+            dataset = trainer.datamodule.datasets[stage]
+            every = [pair.img_id for pair in dataset.pairs]
+            mine = UnpaddedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
+            needed = [dataset.pairs[i].img_id for i in mine]
+        if trainer.world_size == 1:
+            source.prefetch(every, batch_size=self.batch_size)
+            return
+        rates = source.prefetch_shared(every, self.batch_size, trainer, cache_path=self.cache_path, needed=needed)
+        if trainer.is_global_zero:
+            say(rates.describe("detected"))
 
 
 def image_cache_path(cfg: DictConfig, out_dir: Path) -> Path | None:
@@ -171,7 +175,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         return _evaluate(cfg, name, out_dir)
     except KeyboardInterrupt:
         cache = out_dir / "image_features.tsv"
-        kept = f"; the image-feature cache {cache} keeps the images extracted so far" if cache.exists() else ""
+        shards = sorted(out_dir.glob("image_features.tsv.shard*.tsv"))  # several processes: their shares so far
+        kept = ""
+        if cache.exists() or shards:
+            with_shards = f" and its {len(shards)} shard files" if shards else ""
+            kept = f"; the image-feature cache {cache}{with_shards} keep the images extracted so far"
         raise InterruptedRunError(f"no results were written to {out_dir} (an earlier run's results there are "
                                   f"unchanged){kept}. Run the same command again to start over") from None
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from lxmert_pl.detector.extraction import ExtractionResult, list_images, load_given_boxes, run_extraction
+from lxmert_pl.detector.extraction import ExtractionResult, list_images, load_given_boxes
 from lxmert_pl.detector.geometry import choose_geometry
 from lxmert_pl.detector.selection import BoxSelection
+from lxmert_pl.detector.sharded import run_extraction
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.runs.console import say

@@ -47,7 +47,7 @@ from lxmert_pl.retrieval import (BlockScores, Candidates, EncodingCache, GridBlo
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
 from lxmert_pl.runs.errors import lightning_settings
-from lxmert_pl.runs.evaluate import build_feature_source
+from lxmert_pl.runs.evaluate import PrefetchImages, build_feature_source, image_cache_path
 from lxmert_pl.runs.loggers import build_loggers, wandb_logger
 from lxmert_pl.runs.outputs import metrics_table, write_metrics
 from lxmert_pl.runs.report import REPORT_NAME, report_enabled, write_retrieval_report
@@ -317,12 +317,13 @@ def _check_features(captions: CaptionSet, source, skip_missing: bool, source_tex
     return captions.without_images(set(missing))
 
 
-def build_retrieval_trainer(cfg: DictConfig, loggers: list) -> pl.Trainer:
+def build_retrieval_trainer(cfg: DictConfig, loggers: list, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     with lightning_settings():
         return pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                           num_nodes=cfg.trainer.num_nodes, strategy=choose_strategy(cfg.trainer),
                           precision=cfg.trainer.precision, logger=loggers, use_distributed_sampler=False,
-                          enable_checkpointing=False, enable_model_summary=False, inference_mode=True)
+                          enable_checkpointing=False, enable_model_summary=False, inference_mode=True,
+                          callbacks=list(callbacks))
 
 
 def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
@@ -344,10 +345,13 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config,
                                 require=("matching",) if cfg.mode == "itm" else ())
     say(f"Weights: {resolved.describe()}\n  {report.summary()}")
-    source, source_text = build_feature_source(cfg, out_dir)
+    loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
+    # One-step (--images): the processes share the detection in `setup`, each image detected once (PrefetchImages).
+    prefetch = PrefetchImages(int(cfg.detector.batch_size), image_cache_path(cfg, out_dir))
+    trainer = build_retrieval_trainer(cfg, loggers, [prefetch])
+    source, source_text = build_feature_source(cfg, out_dir, writes_cache=trainer.is_global_zero)
     captions = _check_features(captions, source, bool(cfg.data.skip_missing), source_text)
-    if hasattr(source, "prefetch"):  # one-step: extract every image once, before the processes start
-        source.prefetch(captions.img_ids, batch_size=cfg.detector.batch_size)
+    prefetch.wanted = (source, list(captions.img_ids))
 
     store = ShardStore(out_dir / "shards")
     store.check_settings(_settings(cfg, captions, resolved.path, k))
@@ -360,8 +364,6 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
                              mode=cfg.mode, batch_size=int(cfg.data.batch_size),
                              max_seq_length=int(cfg.data.max_seq_length),
                              max_blocks=None if r.max_blocks is None else int(r.max_blocks), candidates=candidates)
-    loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
-    trainer = build_retrieval_trainer(cfg, loggers)
     protocol = "full grid" if k is None else f"first stage + top-{k} re-ranking"
     say(f"Retrieval: {captions.num_images} images x {captions.num_captions} captions ({captions.source}), "
         f"{protocol}, {cfg.mode}\nFeatures: {source_text}\nBlocks: {len(plan)} ({len(done)} already in "
