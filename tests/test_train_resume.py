@@ -202,10 +202,9 @@ def test_resume_with_more_epochs_trains_them_on_the_new_schedule(task, one_epoch
 # -------------------------------------------------------------------------------------------------- messages
 @pytest.mark.parametrize("flags, said", [
     (("--devices", "0"), "argument --devices: must be a positive integer, got 0"),
-    (("--max-epochs", "-2"), "trainer.max_epochs must be a whole number >= 1, got -2"),
-    (("--max-epochs", "0"), "trainer.max_epochs must be a whole number >= 1, got 0 (nothing would be trained "
-                            "and no checkpoint written)"),
-    (("trainer.max_steps=0",), "trainer.max_steps must be -1 (no limit) or a whole number >= 1, got 0"),
+    (("--max-epochs", "-2"), "trainer.max_epochs=-2: allowed is a whole number >= 1"),
+    (("--max-epochs", "0"), "trainer.max_epochs=0: allowed is a whole number >= 1 (epochs; 0 would train nothing"),
+    (("trainer.max_steps=0",), "trainer.max_steps=0 is not allowed: -1 (no limit) or a whole number >= 1"),
 ])
 def test_bad_trainer_settings_are_one_line(task, tmp_path, capsys, flags, said):
     assert said in _fails(capsys, _args(task, tmp_path, *flags))
