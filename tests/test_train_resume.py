@@ -162,6 +162,22 @@ def test_resume_refuses_changed_training_data(task, one_epoch, tmp_path, capsys)
     assert "data.train=sha256 " in _fails(capsys, argv)
 
 
+def test_resume_refuses_other_features_of_the_same_name_and_size(task, one_epoch, tmp_path, capsys):
+    """last.ckpt records the feature files by fingerprint (lxmert_pl.fingerprint): a file of the same name and size
+    with other values (here: the rows' feature bytes changed in place) is refused, naming what changed."""
+    other = tmp_path / task["tsv"].name
+    lines = task["tsv"].read_bytes().split(b"\n")
+    fields = lines[0].split(b"\t")
+    fields[-1] = fields[-1][4:8] + fields[-1][:4] + fields[-1][8:]  # other feature values, same length
+    other.write_bytes(b"\n".join([b"\t".join(fields), *lines[1:]]))
+    assert other.stat().st_size == task["tsv"].stat().st_size
+    argv = _args(task, tmp_path, "--val", task["pairs"], "--max-epochs", "2", "--resume",
+                 one_epoch / "checkpoints" / "last.ckpt")
+    argv[argv.index("--features") + 1] = str(other)
+    err = _fails(capsys, argv)
+    assert "data.features[0].mtime_ns: " in err and "data.features=" not in err, err
+
+
 @pytest.mark.parametrize("weights", ["best.ckpt", "init.pth"])
 def test_resume_refuses_weights_only_files(task, one_epoch, tmp_path, capsys, weights):
     path = one_epoch / "checkpoints" / weights if weights == "best.ckpt" else task["ckpt"]

@@ -77,7 +77,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = Tr
         return open_feature_source(paths), f"features: {', '.join(paths)}"
 
     from lxmert_pl.detector import ImageFolderFeatureSource, choose_geometry, load_detector
-    from lxmert_pl.detector.extraction import load_given_boxes
+    from lxmert_pl.detector.extraction import detector_file_digests, load_given_boxes
     from lxmert_pl.runs.extraction import box_selection, detector_device
 
     if not data.images:
@@ -100,7 +100,8 @@ def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = Tr
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = image_cache_path(cfg, out_dir) if writes_cache else None
     selection = box_selection(cfg.detector)
-    source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache)
+    source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache,
+                                      detector_sha256=detector_file_digests(report))
     mode = "at the given boxes of " + str(data.given_boxes) if boxes else selection.describe()
     return source, f"images: {images} (features extracted by the detector, {mode})"
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
 from lxmert_pl.distributed import world_and_rank
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.features.sources import expand_feature_paths
+from lxmert_pl.fileio import write_atomically
+from lxmert_pl.fingerprint import compare, file_sha256, fingerprint
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.model.loading import load_lxmert
@@ -73,21 +77,26 @@ class ShardStore:
     def __init__(self, directory: Path):
         self.dir = directory
 
-    def check_settings(self, settings: dict[str, Any]) -> None:
-        """Record `settings`, or check them against those already recorded (a mismatch is an error)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def check_record(self, record: dict[str, Any], overwrite: bool = False) -> None:
+        """Record what makes the shards (`lxmert_pl.fingerprint`), or check it against the recorded one: shards made
+        otherwise are refused naming what changed, or deleted first with `overwrite`."""
         path = self.dir / "settings.json"
         if path.exists():
-            old = json.loads(path.read_text(encoding="utf-8"))
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed:
-                diffs = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-                raise ShardMismatchError(f"{self.dir} holds the shards of a retrieval run with other settings ({diffs})"
-                                         f": use another --out, or delete {self.dir} to start over")
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                old = None
+            changed = compare(old, record)
+            if not changed:
+                return
+            if not overwrite:
+                raise ShardMismatchError(
+                    f"{self.dir} holds the blocks of a retrieval run made otherwise ({'; '.join(changed)}): use "
+                    f"another --out, or --overwrite to delete them and start afresh")
+            say(f"--overwrite: deleting the blocks in {self.dir}, made otherwise ({'; '.join(changed)})")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(record, indent=2) + "\n")
 
     def block_path(self, block: int) -> Path:
         return self.dir / f"block_{block:06d}.npz"
@@ -285,16 +294,25 @@ class RetrievalModule(pl.LightningModule):
                                                                        "images_encoded")}}
 
 
-def _settings(cfg: DictConfig, captions: CaptionSet, weights: Path, k: int | None) -> dict[str, Any]:
-    """What the shards depend on: a rerun with other values must not reuse them."""
+def _record(cfg: DictConfig, captions: CaptionSet, weights: Path, k: int | None, source) -> dict[str, Any]:
+    """What the shards depend on (`lxmert_pl.fingerprint`): a rerun made otherwise must not reuse them."""
     digest = hashlib.sha1()
     for text in (*captions.img_ids, "\x00", *captions.sentences, "\x00", *map(str, captions.caption_image)):
         digest.update(text.encode("utf-8") + b"\x01")
     r = cfg.retrieval
-    return {"weights": str(weights), "weights_bytes": weights.stat().st_size if weights.is_file() else None,
-            "mode": cfg.mode, "precision": str(cfg.trainer.precision), "k": k, "image_block": int(r.image_block),
-            "caption_block": int(r.caption_block), "max_seq_length": int(cfg.data.max_seq_length),
-            "num_images": captions.num_images, "num_captions": captions.num_captions, "set_sha1": digest.hexdigest()}
+    settings = {"model_config": cfg.model_config, "mode": cfg.mode, "precision": str(cfg.trainer.precision), "k": k,
+                "image_block": int(r.image_block), "caption_block": int(r.caption_block),
+                "max_seq_length": int(cfg.data.max_seq_length), "num_images": captions.num_images,
+                "num_captions": captions.num_captions, "set_sha1": digest.hexdigest()}
+    if hasattr(source, "prefetch"):  # one-step: the images, the detector and its settings make the features
+        features = [str(cfg.data.images)]
+        extraction = json.loads(source.settings.to_json())
+        settings["extraction"] = {key: value for key, value in extraction.items()
+                                  if key not in ("format", "version", "detector", "lxmert_pl_version")}
+        settings["given_boxes_sha256"] = file_sha256(cfg.data.given_boxes) if cfg.data.given_boxes else None
+    else:
+        features = [str(p) for p in expand_feature_paths(list(cfg.data.features))]
+    return fingerprint(weights, features, settings)
 
 
 def retrieval_name(cfg: DictConfig) -> str:
@@ -349,7 +367,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         source.prefetch(captions.img_ids, batch_size=cfg.detector.batch_size)
 
     store = ShardStore(out_dir / "shards")
-    store.check_settings(_settings(cfg, captions, resolved.path, k))
+    store.check_record(_record(cfg, captions, resolved.path, k, source), overwrite=bool(cfg.get("overwrite", False)))
     plan = plan_blocks(captions.num_images, captions.num_captions, k, int(r.image_block), int(r.caption_block))
     done = store.done(len(plan))
     candidates = store.read_candidates() if k is not None and store.first_stage_path.exists() else None

@@ -132,6 +132,7 @@ class EvalConfig:
     name: Optional[str] = key("run name (null: the test or pair file name)")
     out: Optional[str] = key("output folder (null: outputs/<name>)")
     card: Optional[str] = key("model card (README.md or its folder) to add this run's metrics to")
+    overwrite: bool = key("delete resumable results in --out made otherwise and start afresh (else: refused)")
     data: EvalData = block(EvalData)
     retrieval: Retrieval = block(Retrieval)
     detector: EvalDetector = block(EvalDetector)
