@@ -18,6 +18,7 @@ from typing import Any
 
 from lxmert_pl import MATCHED_INDEX
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.fileio import write_atomically
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.model.loading import HF_WEIGHT_FILES
 from lxmert_pl.registry import ResolvedCheckpoint, sha256_file
@@ -247,8 +248,7 @@ def card_path(dir_or_readme: str | Path) -> Path:
 def write_model_card(dest: str | Path, card: ModelCard, evaluations: list[EvaluationResult] = ()) -> Path:
     """Write `card` as `dest/README.md` (or to `dest` when it names a file); return the path written."""
     path = card_path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_card(card, evaluations), encoding="utf-8")
+    write_atomically(path, render_card(card, evaluations))
     return path
 
 
@@ -290,6 +290,5 @@ def add_evaluation(dir_or_readme: str | Path, result: EvaluationResult) -> Path:
         data = _DATA_RE.search(text)
         at = data.start() if data else len(text)
         text = text[:at].rstrip("\n") + ("\n\n" if text.strip() else "") + region + "\n" + text[at:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_atomically(path, text)  # the user's README: replaced whole, or (disk full, size limit) left as it was
     return path

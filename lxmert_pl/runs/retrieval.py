@@ -39,7 +39,7 @@ from lxmert_pl.data.sampler import UnpaddedDistributedSampler
 from lxmert_pl.distributed import world_and_rank
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.features.sources import expand_feature_paths
-from lxmert_pl.fileio import write_atomically
+from lxmert_pl.fileio import atomic_writer, write_atomically
 from lxmert_pl.fingerprint import compare, file_sha256, fingerprint
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel
@@ -421,10 +421,11 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
                                     **run_info})
     rows = write_top_queries(out_dir, captions, i2t, t2i, relevant)
     if captions.num_images * captions.num_captions <= int(r.save_scores_max):
-        np.save(out_dir / "scores.npy", scores.numpy())
+        with atomic_writer(out_dir / "scores.npy", "wb") as handle:
+            np.save(handle, scores.numpy())
         if candidates is not None:
             _atomic_save_npz(out_dir / "candidates.npz", i2t=candidates.i2t.numpy(), t2i=candidates.t2i.numpy())
-    OmegaConf.save(cfg, out_dir / "config.yaml")
+    write_atomically(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     for logger in loggers:
         logger.log_metrics({f"test/{key}": v for key, v in metrics.items() if math.isfinite(v)})
         logger.save()
