@@ -141,9 +141,11 @@ def test_rerun_with_other_weights_or_features_is_refused_or_started_afresh(fx, f
     assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr[-2000:]
     assert "weights.sha256: " in proc.stderr and "features[0].mtime_ns: " in proc.stderr, proc.stderr[-2000:]
     shutil.copy(fx["ckpt"], ckpt)  # the same weights again (new mtime: hashed again, same sha256)
-    proc = run(out, "--overwrite", features=other)
+    proc = run(out, "--overwrite", "--card", tmp_path / "README.md", features=other)
     assert proc.returncode == 0 and "--overwrite: deleting the blocks" in proc.stdout, proc.stderr[-2000:]
     assert _summary(out)["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS  # all scored afresh
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")  # --card is honoured by retrieval
+    assert "### dataset_flickr30k_test" in card and "retrieval, full_grid, itm" in card
 
     finished = tmp_path / "finished"
     shutil.copytree(full_run[0], finished)

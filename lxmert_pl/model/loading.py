@@ -277,7 +277,7 @@ def load_lxmert(
     if isinstance(model_config, LxrtConfig):
         config, config_source = model_config, "given"
     elif model_config is not None:
-        config, config_source = LxrtConfig.from_json(model_config), str(model_config)
+        config, config_source = LxrtConfig.from_json(model_config, given=True), str(model_config)
     elif embedded is not None:
         config = embedded
     elif (beside := _config_beside(path)) is not None:

@@ -40,6 +40,7 @@ from lxmert_pl.runs.outputs import (
 )
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.export import EvaluationResult, add_evaluation
+from lxmert_pl.export.model_card import check_card
 
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -162,6 +163,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.data.pairs:
         raise UserInputError("no pairs: pass --pairs FILE or --test NAME")
     _require_file(cfg.data.pairs, "pairs file")
+    if cfg.get("card"):  # checked before the run, not after all results are written
+        check_labelled_for_card(check_card(cfg.card), cfg.data.pairs)
     name = run_name(cfg)
     out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +252,15 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     if resolved.is_bundled_demo:
         say("Note: these are the bundled demo weights and data; see README for --ckpt lxr955.")
     return {"out_dir": out_dir, "metrics": metrics, "predictions": rows}
+
+
+def check_labelled_for_card(card: Path, pairs_path: str) -> None:
+    """`--card` with pairs without labels: no metrics would go into the card, so it is refused up front."""
+    from lxmert_pl.pairs.io import load_pairs
+
+    if not any(pair.label is not None for pair in load_pairs(pairs_path)):
+        raise UserInputError(f"--card {card}: {pairs_path} has no labels, so this run gives predictions only and no "
+                             "metrics for the card; drop --card, or evaluate labelled pairs")
 
 
 def describe_pairs(pairs: list, limit: int = 5) -> str:

@@ -24,7 +24,9 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
 from lxmert_pl.distributed import world_and_rank
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.export import EvaluationResult, add_evaluation
+from lxmert_pl.export.model_card import check_card
 from lxmert_pl.features.sources import expand_feature_paths
 from lxmert_pl.fileio import atomic_writer, write_atomically
 from lxmert_pl.fingerprint import compare, file_sha256, fingerprint
@@ -48,7 +52,7 @@ from lxmert_pl.pairs.io import CaptionSet, read_captions
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.retrieval import (BlockScores, Candidates, EncodingCache, GridBlock, ImageLoader, assemble_scores,
                                  check_k, check_mode, cross_scores, plan_blocks, relevance_matrix, split_directions)
-from lxmert_pl.runs.config import REPO_ROOT
+from lxmert_pl.runs.config import REPO_ROOT, _absolute_paths, load_group
 from lxmert_pl.runs.console import say
 from lxmert_pl.runs.errors import lightning_settings
 from lxmert_pl.runs.evaluate import build_feature_source
@@ -102,7 +106,26 @@ class ShardStore:
         return self.dir / f"block_{block:06d}.npz"
 
     def done(self, num_blocks: int) -> set[int]:
-        return {b for b in range(num_blocks) if self.block_path(b).exists()}
+        """The blocks whose files are present and readable; a damaged one (truncated, edited) is named, deleted and
+        scored again."""
+        done = set()
+        for block in range(num_blocks):
+            path = self.block_path(block)
+            if not path.exists():
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    sizes = {len(data[name]) for name in ("image", "caption", "score")}
+                if len(sizes) != 1:
+                    raise ValueError(f"arrays of different lengths {sorted(sizes)}")
+            except FileNotFoundError:
+                continue  # deleted meanwhile by another process that found it damaged
+            except Exception as err:  # numpy/zipfile raise many types for a damaged file
+                say(f"{path}: damaged ({type(err).__name__}: {err}); deleted, its block is scored again")
+                path.unlink(missing_ok=True)
+                continue
+            done.add(block)
+        return done
 
     def write_block(self, part: BlockScores) -> None:
         _atomic_save_npz(self.block_path(part.block), image=part.image, caption=part.caption, score=part.score)
@@ -315,6 +338,22 @@ def _record(cfg: DictConfig, captions: CaptionSet, weights: Path, k: int | None,
     return fingerprint(weights, features, settings)
 
 
+def _preset_note(cfg: DictConfig, source_text: str) -> str:
+    """A note when the images or features come from the `--test` preset (eval.yaml's default `demo_val`) rather
+    than from the command line: retrieval of the user's captions against the demo's images is no one's intent."""
+    if not cfg.get("test"):
+        return ""
+    split = _absolute_paths(load_group("test", cfg.test), REPO_ROOT)
+    if source_text.startswith("features:"):
+        used, preset = [str(p) for p in cfg.data.features], [str(p) for p in split.get("features") or []]
+    else:
+        used, preset = str(cfg.data.images), str(split.get("images"))
+    if used != preset:
+        return ""
+    return (f" [from configs/test/{cfg.test}.yaml (--test {cfg.test}): pass --features or --images for the images of "
+            f"{cfg.retrieval.captions}]")
+
+
 def retrieval_name(cfg: DictConfig) -> str:
     r = cfg.retrieval
     base = f"{Path(str(r.captions)).stem}_{r.split}" if r.split else Path(str(r.captions)).stem
@@ -351,6 +390,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(2, "captions file not found", str(r.captions))
     k = None if r.k is None else int(r.k)
     check_k(k)
+    card = check_card(cfg.card) if cfg.get("card") else None  # before the run, not after its results
     captions = read_captions(r.captions, split=r.split or None, caption_source=r.caption_source,
                              skip_blank=bool(r.skip_blank))
     name = retrieval_name(cfg)
@@ -362,6 +402,8 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
                                 require=("matching",) if cfg.mode == "itm" else ())
     say(f"Weights: {resolved.describe()}\n  {report.summary()}")
     source, source_text = build_feature_source(cfg, out_dir)
+    source_text += _preset_note(cfg, source_text)
+    say(f"Images: {source_text}")
     captions = _check_features(captions, source, bool(cfg.data.skip_missing), source_text)
     if hasattr(source, "prefetch"):  # one-step: extract every image once, before the processes start
         source.prefetch(captions.img_ids, batch_size=cfg.detector.batch_size)
@@ -430,6 +472,10 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         logger.log_metrics({f"test/{key}": v for key, v in metrics.items() if math.isfinite(v)})
         logger.save()
     _log_wandb(loggers, metrics, rows, int(r.worst_queries))
+    if card is not None:
+        protocol_text = f"retrieval, {protocol_info['protocol']}, {cfg.mode}, weights {resolved.describe()}"
+        result = EvaluationResult(name, str(r.captions), protocol_text, finite, shlex.join(["eval.py", *sys.argv[1:]]))
+        say(f"Model card: {add_evaluation(card, result)} (Evaluation: {name})")
     say(f"Retrieval metrics (fractions; RSUM = sum of the six R@K, max 6):\n{metrics_table(metrics)}")
     say(f"Metrics: {out_dir / 'metrics.json'}\nTop-{TOP_N} per query: {out_dir / 'top10.json'}")
     return {"out_dir": out_dir, "metrics": metrics, "scores": scores, "complete": True, **run_info}
