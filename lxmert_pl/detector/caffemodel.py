@@ -48,16 +48,16 @@ from ..errors import CheckpointError, UserInputError
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
-from .loading import (
+from .model import BottomUpFasterRCNN, build_detector
+from .port_format import (
     CONFIG_NAME,
     DetectorLoadReport,
-    _abbreviate,
+    abbreviate,
     export_port_state_dict,
     port_key,
     raise_if_unfit,
     record_geometry,
 )
-from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
 CONVERTED_WEIGHTS_NAME = "model.safetensors"
@@ -359,7 +359,7 @@ class CaffeLoadReport(DetectorLoadReport):
             low, high = self.batchnorm_factors
             lines.append(f"BatchNorm moving-average factors f: {low:.6g} .. {high:.6g} (statistics divided by f)")
         if self.unexpected:
-            lines.append("unknown layers with blobs (not used): " + _abbreviate(self.unexpected))
+            lines.append("unknown layers with blobs (not used): " + abbreviate(self.unexpected))
         lines.extend(self.notes)
         return "\n".join(lines)
 
