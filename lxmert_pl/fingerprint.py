@@ -82,6 +82,7 @@ def file_sha256(path: str | Path) -> str:
     if _stamp(path.stat()) != stamp:  # changed while it was read: do not cache a hash of a mix
         return digest.hexdigest()
     cache = _read_hash_cache(cache_path)  # re-read: another process may have added entries meanwhile
+    cache = {name: entry for name, entry in cache.items() if os.path.exists(name)}  # files deleted since: dropped
     cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
     try:
         write_atomically(cache_path, json.dumps(cache, indent=0, sort_keys=True) + "\n")
@@ -146,11 +147,30 @@ def features_record(path: str | Path) -> dict[str, Any]:
     return _tsv_record(path)
 
 
-def fingerprint(weights: str | Path | None, features: Sequence[str | Path], settings: dict[str, Any]) -> dict[str, Any]:
-    """The record of what makes a result (see the module docstring); plain JSON values."""
+def feature_paths(sources: Sequence[Any]) -> list[Path]:
+    """The files behind feature sources given as paths or as opened sources (`TsvReader`, `FeatureStore`,
+    `MergedFeatureSource`), in order."""
+    paths: list[Path] = []
+    for source in sources:
+        if isinstance(source, (str, Path)):
+            paths.append(Path(source))
+        elif hasattr(source, "sources"):
+            paths += feature_paths(source.sources)
+        elif hasattr(source, "directory"):
+            paths.append(Path(source.directory))
+        elif hasattr(source, "path"):
+            paths.append(Path(source.path))
+        else:
+            raise TypeError(f"cannot tell which files make the feature source {source!r}")
+    return paths
+
+
+def fingerprint(weights: str | Path | None, features: Sequence[Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The record of what makes a result (see the module docstring); plain JSON values. `features`: paths or
+    opened feature sources (see `feature_paths`)."""
     return {"format": FORMAT, "version": VERSION,
             "weights": None if weights is None else weights_record(weights),
-            "features": [features_record(p) for p in features],
+            "features": [features_record(p) for p in feature_paths(features)],
             "settings": json.loads(json.dumps(dict(settings), default=str))}
 
 

@@ -55,3 +55,9 @@ def test_records_compare_by_content_not_by_path(tmp_path, monkeypatch):
     fourth = fp.fingerprint(tmp_path / "b", [tmp_path / "c.tsv"], {"k": 5})
     assert [c.split(":")[0] for c in fp.compare(second, fourth)] == ["weights.files.w.pth", "features[0].mtime_ns"]
     assert fp.compare(None, first) and fp.compare({"old": "settings"}, first)
+    from lxmert_pl.features import open_feature_source  # opened sources are fingerprinted by their files
+
+    write_synthetic_tsv(tmp_path / "d.tsv", ["3"], num_boxes=[2], dim=8, seed=2)
+    opened = open_feature_source([tmp_path / "a" / "f.tsv", tmp_path / "d.tsv"])
+    assert fp.compare(fp.fingerprint(None, [opened], {}),
+                      fp.fingerprint(None, [tmp_path / "a" / "f.tsv", tmp_path / "d.tsv"], {})) == []
