@@ -45,6 +45,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from ..errors import CheckpointError, UserInputError
+from ..fileio import atomic_path
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
@@ -503,5 +504,6 @@ def convert_caffemodel(path: str | Path, out_dir: str | Path, config: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(out_dir / CONFIG_NAME)
     record_geometry(out_dir / CONFIG_NAME, CAFFE)  # loading out_dir then needs no --geometry
-    save_file(export, str(out_dir / CONVERTED_WEIGHTS_NAME), metadata={"converted_from": str(Path(path).name)})
+    with atomic_path(out_dir / CONVERTED_WEIGHTS_NAME) as temp:
+        save_file(export, str(temp), metadata={"converted_from": str(Path(path).name)})
     return report
