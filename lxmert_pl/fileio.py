@@ -20,7 +20,7 @@ def _naming(err: OSError, path: Path, temp_name: str) -> OSError:
     temporary one)."""
     if err.filename not in (None, temp_name) or err.errno is None:
         return err
-    named = type(err)(err.errno, f"{err.strerror or err} (writing; {path} is unchanged)", str(path))
+    named = type(err)(err.errno, f"{err.strerror or err} (writing; the file is left as it was)", str(path))
     named.__cause__ = err
     return named
 
