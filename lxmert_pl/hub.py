@@ -144,6 +144,11 @@ def _choose_files(ref: HubRef, *, local_only: bool) -> tuple[str, ...]:
             raise HubUnavailableError(f"cannot list the files of {ref.uri()}: the Hub could not be reached "
                                       f"({type(err).__name__}: {err}); {placement_hint(ref, ())}") from err
     weights = [name for name in WEIGHT_FILES if name in present][:1]
+    if not weights and present and (local_only or constants.HF_HUB_OFFLINE):
+        raise HubUnavailableError(f"the HF cache's copy of {ref.uri()} is incomplete: it has "
+                                  f"{', '.join(sorted(present))} but none of the weight files "
+                                  f"({', '.join(WEIGHT_FILES)}), and downloading is off (HF_HUB_OFFLINE or "
+                                  f"download=False); {placement_hint(ref, ())}")
     if not weights:
         raise HubUnavailableError(f"{ref.uri()} holds none of the weight files {', '.join(WEIGHT_FILES)} "
                                   f"(it has: {', '.join(sorted(present)) or 'nothing'})")
