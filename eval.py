@@ -44,6 +44,7 @@ FLAGS = [
     Flag("--k", "retrieval.k", "retrieval: re-rank the first stage's top K per query (default: full grid)",
          type=positive_int),
     Flag("--card", "card", "model card (README.md or its folder) to add this evaluation's metrics to"),
+    Flag("--overwrite", "overwrite", "start afresh when --out holds resumable results made otherwise", "switch"),
     BATCH_SIZE, *TRAINER_FLAGS,
 ]
 

@@ -15,12 +15,44 @@ from pathlib import Path
 from typing import IO
 
 
+def _naming(err: OSError, path: Path, temp_name: str) -> OSError:
+    """The same error, naming `path` (a failed write, e.g. a full disk or a file-size limit, names no file, or the
+    temporary one)."""
+    if err.filename not in (None, temp_name) or err.errno is None:
+        return err
+    named = type(err)(err.errno, f"{err.strerror or err} (writing; the file is left as it was)", str(path))
+    named.__cause__ = err
+    return named
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that takes a file name (e.g. `safetensors.save_file`); when the
+    block ends without an error the file is fsync-ed and renamed over `path`, else removed (`path` unchanged)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            yield Path(temp_name)
+            os.chmod(temp_name, 0o644)
+            with open(temp_name, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temp_name, path)
+        except OSError as err:
+            raise _naming(err, path, temp_name) from None
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_writer(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """A handle on a temporary file beside `path` that replaces `path` when the block ends without an error.
 
     `mode` is "w" (text, `encoding`) or "wb". The new file gets mode 0o644 (mkstemp's default is 0o600). The
-    parent folder is created when missing.
+    parent folder is created when missing. A failed write (disk full, file-size limit) is an OSError naming `path`.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
@@ -28,12 +60,15 @@ def atomic_writer(path: str | Path, mode: str = "w", encoding: str | None = "utf
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, mode, encoding=None if mode == "wb" else encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
+        try:
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, mode, encoding=None if mode == "wb" else encoding) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, path)
+        except OSError as err:
+            raise _naming(err, path, temp_name) from None
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise

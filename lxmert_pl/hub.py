@@ -15,6 +15,7 @@ before the process starts.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -134,6 +135,10 @@ def _choose_files(ref: HubRef, *, local_only: bool) -> tuple[str, ...]:
             raise
         present = set()
     if not any(name in present for name in WEIGHT_FILES) and not (local_only or constants.HF_HUB_OFFLINE):
+        unreachable = hub_unreachable(constants.ENDPOINT)
+        if unreachable:  # say so at once: huggingface_hub would retry for ~30 s
+            raise HubUnavailableError(f"cannot list the files of {ref.uri()}: the Hub could not be reached "
+                                      f"({unreachable})")
         try:
             present = set(huggingface_hub.list_repo_files(ref.repo_id, revision=ref.revision))
         except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError):
@@ -142,10 +147,31 @@ def _choose_files(ref: HubRef, *, local_only: bool) -> tuple[str, ...]:
             raise HubUnavailableError(f"cannot list the files of {ref.uri()}: the Hub could not be reached "
                                       f"({type(err).__name__}: {err}); {placement_hint(ref, ())}") from err
     weights = [name for name in WEIGHT_FILES if name in present][:1]
+    if not weights and present and (local_only or constants.HF_HUB_OFFLINE):
+        raise HubUnavailableError(f"the HF cache's copy of {ref.uri()} is incomplete: it has "
+                                  f"{', '.join(sorted(present))} but none of the weight files "
+                                  f"({', '.join(WEIGHT_FILES)}), and downloading is off (HF_HUB_OFFLINE or "
+                                  f"download=False); {placement_hint(ref, ())}")
     if not weights:
         raise HubUnavailableError(f"{ref.uri()} holds none of the weight files {', '.join(WEIGHT_FILES)} "
                                   f"(it has: {', '.join(sorted(present)) or 'nothing'})")
     return tuple(name for name in CONFIG_FILES if name in present) + tuple(weights)
+
+
+def hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why the Hub's host cannot be reached (no DNS, no route, refused), or None when a connection opens or a
+    proxy is configured (then huggingface_hub's own requests decide)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    parts = urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{parts.hostname}: {err}"
+    return None
 
 
 def _snapshot_folder(path: Path, relpath: str) -> Path:

@@ -260,6 +260,12 @@ def resolve_checkpoint(
             ref = parse_hub_ref(str(name_or_path))
         except HubUnavailableError as err:
             raise UnknownCheckpointError(str(err)) from None
+        if ref is not None and not str(name_or_path).startswith("hf://"):
+            try:  # a plain ORG/NAME: most often a local folder that does not exist (a typo, another cwd)
+                return _resolve_hub(ref, None, download=download, progress=progress)
+            except CheckpointUnavailableError as err:
+                raise CheckpointUnavailableError(f"no local folder or file {str(name_or_path)!r} (from "
+                                                 f"{Path.cwd()}); tried the Hub: {err}") from None
         if ref is not None:
             return _resolve_hub(ref, None, download=download, progress=progress)
         raise UnknownCheckpointError(

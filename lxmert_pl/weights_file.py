@@ -20,7 +20,8 @@ _LFS_POINTER = b"version https://git-lfs"
 
 
 def sniff_weights_file(path: Path) -> None:
-    """CheckpointError when `path` is empty, an HTML/XML page or a Git LFS pointer instead of weights."""
+    """CheckpointError when `path` is empty, an HTML/XML page, a Git LFS pointer, an image, JSON, a TSV or other
+    text instead of weights (looked at before anything is unpickled)."""
     with open(path, "rb") as f:
         head = f.read(256)
     if not head:
@@ -32,6 +33,33 @@ def sniff_weights_file(path: Path) -> None:
     if start.startswith(_LFS_POINTER):
         raise CheckpointError(f"{path}: this is a Git LFS pointer, not the weights: fetch the real file "
                               "(`git lfs pull`, or download it directly)")
+    kind = _what_else(head)
+    if kind is not None:
+        raise CheckpointError(f"{path}: this looks like {kind}, not a checkpoint (weights are a PyTorch .pth/.bin/"
+                              ".ckpt, a .safetensors file or a folder of them): check the path")
+
+
+_IMAGE_STARTS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                 (b"BM", "a BMP image"), (b"RIFF", "a WebP image or other RIFF file"), (b"%PDF", "a PDF document"))
+
+
+def _what_else(head: bytes) -> str | None:
+    """What a file that is not weights looks like (an image, JSON, a TSV, text), or None when it may be weights:
+    a zip (torch.save), a pickle, a safetensors header, or bytes we cannot tell."""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:9] == b"{":
+        return None
+    for magic, kind in _IMAGE_STARTS:
+        if head.startswith(magic):
+            return kind
+    text = head.decode("utf-8", errors="ignore")
+    if not text or any(not (c.isprintable() or c in "\t\r\n") for c in text):
+        return None
+    first_line = text.lstrip().split("\n", 1)[0]
+    if first_line.startswith(("{", "[")):
+        return "a JSON file"
+    if "\t" in first_line:
+        return "a tab-separated text file (a feature TSV?)"
+    return f"a text file (it starts {first_line[:40]!r})"
 
 
 def read_weights_file(path: str | Path) -> object:

@@ -49,3 +49,14 @@ def test_the_check_sees_relative_and_absolute_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from ..runs.errors import user_errors\nimport lxmert_pl.runs.cli\n", encoding="utf-8")
     assert imported_modules(probe, "lxmert_pl.detector") >= {"lxmert_pl.runs.errors", "lxmert_pl.runs.cli"}
+
+
+def test_the_two_detector_loaders_do_not_import_each_other():
+    """`loading` (port-format weights) dispatches to `caffemodel` (caffe weights); what both need (key names, the load
+    report, the recorded geometry) lives in `detector.port_format`, so `caffemodel` never imports `loading`."""
+    detector = PACKAGE / "detector"
+    assert "lxmert_pl.detector.caffemodel" in imported_modules(detector / "loading.py")
+    assert "lxmert_pl.detector.loading" not in imported_modules(detector / "caffemodel.py")
+    assert "lxmert_pl.detector.port_format" in imported_modules(detector / "caffemodel.py")
+    assert not {"lxmert_pl.detector.loading", "lxmert_pl.detector.caffemodel"} & imported_modules(
+        detector / "port_format.py")

@@ -126,9 +126,10 @@ def test_missing_file_of_a_cached_repo_is_named(tmp_path: Path, registry: Path, 
                                     "tiny-hub", "hf://org/tiny-lxmert")
     assert results["tiny-hub"]["error"] == "CheckpointUnavailableError"
     assert "cannot get config.json, pytorch_model.bin" in results["tiny-hub"]["message"]
-    # Without a file list, the cached snapshot is searched for a weights file: there is none.
-    assert "holds none of the weight files model.safetensors, pytorch_model.bin" in \
-        results["hf://org/tiny-lxmert"]["message"]
+    # Without a file list, the cached snapshot is searched for a weights file: there is none, and the message says
+    # that the cache is incomplete (not that the repo has no weights).
+    assert ("the HF cache's copy of hf://org/tiny-lxmert@main is incomplete: it has config.json but none of the "
+            "weight files (model.safetensors, pytorch_model.bin)") in results["hf://org/tiny-lxmert"]["message"]
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -110,7 +110,53 @@ def test_resume_scores_only_the_missing_blocks(fx, full_run, tmp_path):
     assert summary["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS - first_three
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(full_run[0] / "scores.npy"), atol=1e-6)
     proc = _run(fx, out, "--k", "3")  # other settings in the same folder
-    assert proc.returncode == 2 and "other settings" in proc.stderr and "k:" in proc.stderr
+    assert proc.returncode == 2 and "made otherwise" in proc.stderr and "settings.k: null -> 3" in proc.stderr
+
+
+def test_rerun_with_other_weights_or_features_is_refused_or_started_afresh(fx, full_run, tmp_path, monkeypatch):
+    """Issue 25's three variants: a resume with other features of the same img_ids (same size, same index), a
+    checkpoint replaced at the same path by weights of the same size, a finished folder rerun with other features;
+    then --overwrite starts afresh. The fingerprint names what changed."""
+    import shutil
+
+    env = {"LXMERT_PL_HASH_CACHE": str(tmp_path / "sha256.json")}
+    other = tmp_path / "other.tsv"
+    write_synthetic_tsv(other, [r.img_id for r in fx["records"]], num_boxes=[5, 9, 3, 7, 12, 4, 6], dim=2048, seed=4)
+    assert other.stat().st_size == fx["tsv"].stat().st_size
+    ckpt = tmp_path / "model_LXRT.pth"
+    shutil.copy(fx["ckpt"], ckpt)
+    shutil.copy(fx["ckpt"].with_name(fx["ckpt"].name + ".config.json"), ckpt.with_name(ckpt.name + ".config.json"))
+
+    def run(out, *extra, features=fx["tsv"]):
+        args = _args(fx, out, *extra)
+        args[args.index(fx["ckpt"])], args[args.index(fx["tsv"])] = ckpt, features
+        return run_script("eval.py", *args, env=env)
+
+    out = tmp_path / "partial"  # the uninterrupted run's first 3 blocks only: what an interrupted run leaves
+    shutil.copytree(full_run[0] / "shards", out / "shards")
+    for path in sorted((out / "shards").glob("block_*.npz"))[3:]:
+        path.unlink()
+    from lxmert_pl.fingerprint import file_sha256
+
+    monkeypatch.setenv("LXMERT_PL_HASH_CACHE", env["LXMERT_PL_HASH_CACHE"])
+    file_sha256(ckpt)  # the hash cache knows this path's old content
+    save_tiny_snapshot(ckpt, seed=1)  # other weights, same size, same path; and other features of the same img_ids
+    assert ckpt.stat().st_size == fx["ckpt"].stat().st_size
+    proc = run(out, features=other)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr[-2000:]
+    assert "weights.sha256: " in proc.stderr and "features[0].mtime_ns: " in proc.stderr, proc.stderr[-2000:]
+    shutil.copy(fx["ckpt"], ckpt)  # the same weights again (new mtime: hashed again, same sha256)
+    proc = run(out, "--overwrite", "--card", tmp_path / "README.md", features=other)
+    assert proc.returncode == 0 and "--overwrite: deleting the blocks" in proc.stdout, proc.stderr[-2000:]
+    assert _summary(out)["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS  # all scored afresh
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")  # --card is honoured by retrieval
+    assert "### dataset_flickr30k_test" in card and "retrieval, full_grid, itm" in card
+
+    finished = tmp_path / "finished"
+    shutil.copytree(full_run[0], finished)
+    proc = run(finished, features=other)  # the finished run's metrics are not printed again
+    assert proc.returncode == 2 and "features[0]" in proc.stderr and "Retrieval metrics" not in proc.stdout
+    assert _summary(finished)["metrics"] == _summary(full_run[0])["metrics"]
 
 
 @pytest.mark.slow

@@ -162,6 +162,22 @@ def test_resume_refuses_changed_training_data(task, one_epoch, tmp_path, capsys)
     assert "data.train=sha256 " in _fails(capsys, argv)
 
 
+def test_resume_refuses_other_features_of_the_same_name_and_size(task, one_epoch, tmp_path, capsys):
+    """last.ckpt records the feature files by fingerprint (lxmert_pl.fingerprint): a file of the same name and size
+    with other values (here: the rows' feature bytes changed in place) is refused, naming what changed."""
+    other = tmp_path / task["tsv"].name
+    lines = task["tsv"].read_bytes().split(b"\n")
+    fields = lines[0].split(b"\t")
+    fields[-1] = fields[-1][4:8] + fields[-1][:4] + fields[-1][8:]  # other feature values, same length
+    other.write_bytes(b"\n".join([b"\t".join(fields), *lines[1:]]))
+    assert other.stat().st_size == task["tsv"].stat().st_size
+    argv = _args(task, tmp_path, "--val", task["pairs"], "--max-epochs", "2", "--resume",
+                 one_epoch / "checkpoints" / "last.ckpt")
+    argv[argv.index("--features") + 1] = str(other)
+    err = _fails(capsys, argv)
+    assert "data.features[0].mtime_ns: " in err and "data.features=" not in err, err
+
+
 @pytest.mark.parametrize("weights", ["best.ckpt", "init.pth"])
 def test_resume_refuses_weights_only_files(task, one_epoch, tmp_path, capsys, weights):
     path = one_epoch / "checkpoints" / weights if weights == "best.ckpt" else task["ckpt"]
@@ -202,10 +218,9 @@ def test_resume_with_more_epochs_trains_them_on_the_new_schedule(task, one_epoch
 # -------------------------------------------------------------------------------------------------- messages
 @pytest.mark.parametrize("flags, said", [
     (("--devices", "0"), "argument --devices: must be a positive integer, got 0"),
-    (("--max-epochs", "-2"), "trainer.max_epochs must be a whole number >= 1, got -2"),
-    (("--max-epochs", "0"), "trainer.max_epochs must be a whole number >= 1, got 0 (nothing would be trained "
-                            "and no checkpoint written)"),
-    (("trainer.max_steps=0",), "trainer.max_steps must be -1 (no limit) or a whole number >= 1, got 0"),
+    (("--max-epochs", "-2"), "trainer.max_epochs=-2: allowed is a whole number >= 1"),
+    (("--max-epochs", "0"), "trainer.max_epochs=0: allowed is a whole number >= 1 (epochs; 0 would train nothing"),
+    (("trainer.max_steps=0",), "trainer.max_steps=0 is not allowed: -1 (no limit) or a whole number >= 1"),
 ])
 def test_bad_trainer_settings_are_one_line(task, tmp_path, capsys, flags, said):
     assert said in _fails(capsys, _args(task, tmp_path, *flags))

@@ -45,19 +45,20 @@ import torch
 from google.protobuf.message import DecodeError
 
 from ..errors import CheckpointError, UserInputError
+from ..fileio import atomic_path
 from .caffe_proto import V1_LAYER_TYPES, NetParameter
 from .config import FrcnnConfig
 from .geometry import CAFFE, check_geometry
-from .loading import (
+from .model import BottomUpFasterRCNN, build_detector
+from .port_format import (
     CONFIG_NAME,
     DetectorLoadReport,
-    _abbreviate,
+    abbreviate,
     export_port_state_dict,
     port_key,
     raise_if_unfit,
     record_geometry,
 )
-from .model import BottomUpFasterRCNN, build_detector
 from .rpn import AnchorGenerator
 
 CONVERTED_WEIGHTS_NAME = "model.safetensors"
@@ -359,7 +360,7 @@ class CaffeLoadReport(DetectorLoadReport):
             low, high = self.batchnorm_factors
             lines.append(f"BatchNorm moving-average factors f: {low:.6g} .. {high:.6g} (statistics divided by f)")
         if self.unexpected:
-            lines.append("unknown layers with blobs (not used): " + _abbreviate(self.unexpected))
+            lines.append("unknown layers with blobs (not used): " + abbreviate(self.unexpected))
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -503,5 +504,6 @@ def convert_caffemodel(path: str | Path, out_dir: str | Path, config: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_yaml(out_dir / CONFIG_NAME)
     record_geometry(out_dir / CONFIG_NAME, CAFFE)  # loading out_dir then needs no --geometry
-    save_file(export, str(out_dir / CONVERTED_WEIGHTS_NAME), metadata={"converted_from": str(Path(path).name)})
+    with atomic_path(out_dir / CONVERTED_WEIGHTS_NAME) as temp:
+        save_file(export, str(temp), metadata={"converted_from": str(Path(path).name)})
     return report

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..fileio import atomic_writer
+
 # Bottleneck blocks in res2, res3, res4 (res5 always has 3 and lives in the RoI head).
 BLOCKS_PER_STAGE = {50: (3, 4, 6), 101: (3, 4, 23), 152: (3, 8, 36)}
 
@@ -227,7 +229,7 @@ class FrcnnConfig:
 
     def save_yaml(self, path: str | Path) -> None:
         """Write the port-format `config.yaml`."""
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_writer(path) as f:  # replaced whole, or left as it was
             yaml.safe_dump(self.to_port_dict(), f, sort_keys=False)
 
     def summary(self) -> str:

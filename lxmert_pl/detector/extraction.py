@@ -30,7 +30,8 @@ from ..errors import UserInputError
 from ..features.codec import img_id_problem
 from ..features.lines import prove_feature_tsv, repair_tail, repair_truncated
 from ..features.locking import lock_path
-from ..features.provenance import ExtractionSettings, claim_tsv, sha256_of_file
+from ..features.provenance import ExtractionSettings, claim_tsv
+from ..fingerprint import file_sha256
 from ..features.record import ImageFeatures, box_problem
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
 from .loading import DetectorLoadReport
@@ -177,8 +178,8 @@ def extraction_settings(
 
 
 def detector_file_digests(report: DetectorLoadReport) -> dict[str, str]:
-    """sha256 of the detector's config and weights files, by file name."""
-    return {path.name: sha256_of_file(path) for path in (report.config_path, report.weights_path)}
+    """sha256 of the detector's config and weights files, by file name (cached: `lxmert_pl.fingerprint`)."""
+    return {path.name: file_sha256(path) for path in (report.config_path, report.weights_path)}
 
 
 @dataclass

@@ -84,11 +84,13 @@ class ImageFolderFeatureSource:
         selection: BoxSelection = OBJ36,
         given_boxes: dict[str, np.ndarray] | None = None,
         cache_path: str | Path | None = None,
+        detector_sha256: dict[str, str] | None = None,
     ) -> None:
-        # The weights are identified by their values, so a detector passed loaded or by path keys the cache alike.
+        # The weights are identified by their values (`detector_sha256`: of the files the detector was loaded from,
+        # `extraction.detector_file_digests`, cached; else of its state dict), never by a name.
         self.detector = detector if isinstance(detector, BottomUpFasterRCNN) else load_detector(detector)[0]
         name = "detector in memory" if isinstance(detector, BottomUpFasterRCNN) else str(detector)
-        digests = {"state_dict": state_dict_digest(self.detector)}
+        digests = dict(detector_sha256) if detector_sha256 else {"state_dict": state_dict_digest(self.detector)}
         self.selection = selection
         self.given_boxes = given_boxes
         self.settings = extraction_settings(self.detector, name, digests, selection, given_boxes, None)

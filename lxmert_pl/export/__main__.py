@@ -15,9 +15,11 @@ import argparse
 import shlex
 import sys
 from dataclasses import replace
+from pathlib import Path
 
-from lxmert_pl.export.hf import export_hf
-from lxmert_pl.export.model_card import card_for_checkpoint, read_model_card
+from lxmert_pl.errors import UserInputError
+from lxmert_pl.export.hf import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, export_hf
+from lxmert_pl.export.model_card import CARD_FILE, card_for_checkpoint, read_model_card
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.registry import resolve_checkpoint
 
@@ -28,7 +30,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lxmert_pl.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--ckpt", required=True, help="checkpoint: alias, hf://ORG/NAME[@REV] or path, any format")
-    parser.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export (its files are "
+                        "replaced); another folder only with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export into a non-empty folder that is not an earlier export (says which files it replaces)")
     parser.add_argument("--format", choices=FORMATS, default="hf", help="hf: transformers' LxmertForPreTraining")
     parser.add_argument("--model-config", help="architecture JSON (HF LxmertConfig names) for a file without one")
     parser.add_argument("--title", help="the card's title (default: from the checkpoint's name)")
@@ -39,8 +44,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_out(out: str, overwrite: bool) -> list[Path]:
+    """Refuse an empty `--out` (an unset shell variable would export into the current folder) and a non-empty
+    folder that is not an earlier export of ours, unless `overwrite`; return the files the export will replace."""
+    if not out.strip():
+        raise UserInputError("--out is empty (an unset shell variable?): name the folder to export into")
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(20, "--out must be a folder, got a file", str(folder))
+    present = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    replaced = [folder / name for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
+                if (folder / name).exists()]
+    if not present or overwrite:
+        return replaced
+    try:
+        ours = read_model_card(folder)[0] is not None and (folder / CONFIG_FILE).is_file()
+    except UserInputError:
+        ours = False
+    if not ours:
+        shown = ", ".join(p.name for p in present[:8]) + (", ..." if len(present) > 8 else "")
+        raise UserInputError(f"--out {folder} is not empty ({shown}) and is not an earlier export of lxmert_pl: "
+                             "choose a new folder, or pass --overwrite to replace the export's files in it")
+    return replaced
+
+
 def run_export(args: argparse.Namespace, command: str) -> list:
     """Load, build the card (carrying over a train.py card beside the checkpoint), export; return the files."""
+    replaced = check_out(args.out, args.overwrite)
     resolved = resolve_checkpoint(args.ckpt)
     model, report = load_lxmert(resolved.path, model_config=args.model_config)
     print(f"Weights: {resolved.describe()}\n  {report.summary()}", flush=True)
@@ -59,7 +89,10 @@ def run_export(args: argparse.Namespace, command: str) -> list:
         card.features = replace(card.features, **{k: v for k, v in given.items() if v}, note=None)
     if args.max_seq_length:
         card.max_seq_length = args.max_seq_length
-    return export_hf(model, args.out, card, evaluations)
+    written = export_hf(model, args.out, card, evaluations)
+    if replaced:
+        print(f"Replaced in {args.out}: {', '.join(p.name for p in replaced)}", flush=True)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from lxmert_pl import MATCHED_INDEX
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.fileio import write_atomically
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.model.loading import HF_WEIGHT_FILES
 from lxmert_pl.registry import ResolvedCheckpoint, sha256_file
@@ -244,11 +246,36 @@ def card_path(dir_or_readme: str | Path) -> Path:
     return path / CARD_FILE if path.is_dir() or not path.suffix else path
 
 
+def check_card(dir_or_readme: str | Path) -> Path:
+    """Before a run whose metrics go into a card: the card's path, or a one-line error when it could not be updated
+    afterwards (not UTF-8 text, damaged evaluation data, a read-only file or folder, a missing folder)."""
+    path = card_path(dir_or_readme)
+    if path.is_dir():
+        raise UserInputError(f"--card {path}: a folder, expected a README.md or its folder")
+    if path.exists():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserInputError(f"--card {path}: not UTF-8 text (byte {err.start}: {err.reason}; a Latin-1 file?): "
+                                 "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`), then rerun") from None
+        try:
+            _read_evaluations(text)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ModelCardError(f"{path}: the evaluation data in this card is damaged ({err})") from None
+        if not os.access(path, os.W_OK):
+            raise PermissionError(13, "--card: the model card is not writable", str(path))
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(2, "--card: the model card's folder does not exist", str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):  # the card is replaced by a rename inside its folder
+        raise PermissionError(13, "--card: the model card's folder is not writable", str(folder))
+    return path
+
+
 def write_model_card(dest: str | Path, card: ModelCard, evaluations: list[EvaluationResult] = ()) -> Path:
     """Write `card` as `dest/README.md` (or to `dest` when it names a file); return the path written."""
     path = card_path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_card(card, evaluations), encoding="utf-8")
+    write_atomically(path, render_card(card, evaluations))
     return path
 
 
@@ -290,6 +317,5 @@ def add_evaluation(dir_or_readme: str | Path, result: EvaluationResult) -> Path:
         data = _DATA_RE.search(text)
         at = data.start() if data else len(text)
         text = text[:at].rstrip("\n") + ("\n\n" if text.strip() else "") + region + "\n" + text[at:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_atomically(path, text)  # the user's README: replaced whole, or (disk full, size limit) left as it was
     return path

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from lxmert_pl.features.codec import FIELDNAMES, decode_img_id, decode_row
 from lxmert_pl.features.errors import FeatureFileError, NotAFeatureTsvError, TruncatedTsvError, repair_command
+from lxmert_pl.features.locking import WriteLock
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,14 @@ class TailRepair:
 
 def repair_tail(path: str | Path) -> TailRepair:
     """Make `path` end in a complete line: a partial last line is cut away, a complete last row without its
-    newline gets one. Raises NotAFeatureTsvError (modifying nothing) unless the file is proven to be a feature TSV."""
+    newline gets one. Raises NotAFeatureTsvError (modifying nothing) unless the file is proven to be a feature TSV,
+    and FeatureFileLockedError while another process holds the file's writer lock."""
     path = Path(path)
+    with WriteLock(path):  # never cut a file another process is writing (FeatureFileLockedError)
+        return _repair_tail(path)
+
+
+def _repair_tail(path: Path) -> TailRepair:
     tail = prove_feature_tsv(path)
     if tail.kind == "row":
         with open(path, "ab") as handle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -59,13 +60,25 @@ class LxrtConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
-    def from_json(cls, path: str | Path, strict: bool = False) -> "LxrtConfig":
-        """Read an HF-style `config.json`; keys that describe no LXRT size are ignored unless `strict`."""
+    def from_json(cls, path: str | Path, strict: bool = False, given: bool = False) -> "LxrtConfig":
+        """Read an HF-style `config.json`; keys that describe no LXRT size are ignored unless `strict`. `given`
+        (a file the user named, `--model-config`): a key that is a near miss of a valid one (`hiden_size`) is an
+        error listing the valid keys, as it would otherwise be silently ignored."""
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise UserInputError(f"cannot read model config {path}: {err}") from err
+        if not isinstance(values, dict):
+            raise UserInputError(f"{path}: a model config is a JSON object of sizes, got {type(values).__name__}")
+        if given:
+            known = sorted(f.name for f in fields(cls))
+            typos = {key: difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+                     for key in values if key not in known and key not in _IGNORED_CONFIG_KEYS}
+            typos = {key: near[0] for key, near in typos.items() if near}
+            if typos:
+                said = ", ".join(f"{key!r} (did you mean {near!r}?)" for key, near in typos.items())
+                raise UserInputError(f"{path}: unknown model config key {said}; valid keys: {', '.join(known)}")
         try:
             return cls.from_dict(values, strict=strict)
         except (TypeError, ValueError) as err:

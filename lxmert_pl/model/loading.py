@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 import torch
 
 from lxmert_pl.errors import CheckpointError  # noqa: F401  (re-exported)
+from lxmert_pl.fileio import atomic_writer, write_atomically
 from lxmert_pl.model.config import LxrtConfig, get_preset
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.weights_file import read_weights_file
@@ -277,7 +278,7 @@ def load_lxmert(
     if isinstance(model_config, LxrtConfig):
         config, config_source = model_config, "given"
     elif model_config is not None:
-        config, config_source = LxrtConfig.from_json(model_config), str(model_config)
+        config, config_source = LxrtConfig.from_json(model_config, given=True), str(model_config)
     elif embedded is not None:
         config = embedded
     elif (beside := _config_beside(path)) is not None:
@@ -331,7 +332,7 @@ def save_hf_directory(model: LxmertMatchingModel, directory: str | Path) -> Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {to_hf_key(k): v for k, v in model.state_dict().items()}
-    torch.save(state, directory / "pytorch_model.bin")
-    with open(directory / "config.json", "w", encoding="utf-8") as f:
-        json.dump({**model.config.to_dict(), "model_type": "lxmert"}, f, indent=2)
+    with atomic_writer(directory / "pytorch_model.bin", "wb") as handle:
+        torch.save(state, handle)
+    write_atomically(directory / "config.json", json.dumps({**model.config.to_dict(), "model_type": "lxmert"}, indent=2))
     return directory

@@ -357,6 +357,8 @@ def _karpathy_captions(path: Path, data: dict, split: str | None, skip_blank: bo
     if not isinstance(images, list):
         raise PairFileError(f"{path}: 'images' must be a list of {{'filename', 'split', 'sentences'}}")
     splits: dict[str, int] = {}
+    first_entry: dict[str, int] = {}  # img_id -> its first images[] entry
+    duplicates: list[str] = []
     for number, entry in enumerate(images):
         where = f"{path}: images[{number}]"
         if not isinstance(entry, dict) or "filename" not in entry or not isinstance(entry.get("sentences"), list):
@@ -366,11 +368,18 @@ def _karpathy_captions(path: Path, data: dict, split: str | None, skip_blank: bo
         if split is not None and entry_split != split:
             continue
         img_id = _img_id(Path(str(entry["filename"])).stem, where)
+        if img_id in first_entry:
+            duplicates.append(f"{img_id} (images[{first_entry[img_id]}] and images[{number}])")
+        first_entry.setdefault(img_id, number)
         where = f"{where} ({entry['filename']})"
         image = builder.image(img_id)
         for number_s, sentence in enumerate(entry["sentences"]):
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
             builder.caption(image, _caption_text(raw, f"{where}, sentences[{number_s}].raw", skip_blank))
+    if duplicates:  # merging them silently would change what recall counts as the query's image
+        shown = "; ".join(duplicates[:5]) + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+        raise PairFileError(f"{path}: {len(duplicates)} images appear in more than one entry: {shown}. A Karpathy "
+                            "file lists each image once with all its sentences: fix the file")
     if not builder.index:
         raise PairFileError(f"{path}: no image of split {split!r}; splits in this file: "
                             + ", ".join(f"{name} ({count})" for name, count in sorted(splits.items())))

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
 from lxmert_pl.errors import CheckpointError, UserInputError
+from lxmert_pl.fingerprint import compare, fingerprint
 
 RUN_RECORD_KEY = "lxmert_pl_train_run"
 
@@ -67,7 +68,11 @@ def run_record(cfg: DictConfig) -> dict[str, Any]:
     settings["data.train"] = f"sha256 {_file_sha256(Path(data.train))}" if data.train else None
     settings["data.val"] = f"sha256 {_file_sha256(Path(data.val))}" if data.val else None
     settings["data.features"] = [_name_and_size(Path(p)) for p in data.features]
-    return {"settings": settings, "max_epochs": int(cfg.trainer.max_epochs), "max_steps": int(cfg.trainer.max_steps)}
+    # The feature files by what made them and their index (lxmert_pl.fingerprint); name and size above stay for
+    # the records of older train.py versions.
+    features = fingerprint(None, [str(p) for p in data.features], {})
+    return {"settings": settings, "max_epochs": int(cfg.trainer.max_epochs), "max_steps": int(cfg.trainer.max_steps),
+            "fingerprint": features}
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ def check_resume(point: ResumePoint, record: dict[str, Any]) -> list[str]:
     saved_settings = {**RECORDED_LATER, **saved["settings"]}
     changed = [f"{key}={_shown(saved_settings.get(key))} in the checkpoint, {_shown(value)} now"
                for key, value in record["settings"].items() if saved_settings.get(key) != value]
+    if "fingerprint" in saved:  # recorded since train.py keeps a fingerprint of the feature files
+        changed += [f"data.{change} (checkpoint -> now)" for change in compare(saved["fingerprint"],
+                                                                               record["fingerprint"])]
     if changed:
         raise UserInputError(
             f"--resume {point.path}: the resumed run must use the checkpoint's settings and data, but "

@@ -87,11 +87,32 @@ TRAINER_FLAGS = (ACCELERATOR, DEVICES, NUM_NODES, PRECISION)
 PRECISION_ALIASES = {"fp32": "32-true", "32": "32-true", "bf16": "bf16-true", "fp16": "16-mixed"}
 
 
-def build_parser(program: str, doc: str, flags: Sequence[Flag], groups: dict[str, str]) -> argparse.ArgumentParser:
+class HelpConfig(argparse.Action):
+    """`--help-config`: every config key of the entry point with its default, what it allows and its help."""
+
+    def __init__(self, option_strings, dest, config: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.config = config
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from lxmert_pl.runs.config import load_base
+        from lxmert_pl.runs.schema import help_lines
+
+        print(f"Config keys of {parser.prog} (configs/{self.config}.yaml; set any as key=value):")
+        print("\n".join(help_lines(self.config, load_base(self.config))))
+        parser.exit(0)
+
+
+def build_parser(program: str, doc: str, flags: Sequence[Flag], groups: dict[str, str],
+                 config: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-        epilog="Any config key can be set after the options as key=value (e.g. data.batch_size=64).",
+        epilog="Any config key can be set after the options as key=value (e.g. data.batch_size=64); "
+               "--help-config lists them.",
     )
+    if config is not None:
+        parser.add_argument("--help-config", action=HelpConfig, config=config,
+                            help="list every config key with its default, allowed values and help, then exit")
     for option, group in groups.items():
         parser.add_argument(option, help=f"preset of configs/{group}/ ({', '.join(available(group))})")
     for flag in flags:
@@ -132,15 +153,16 @@ def check_agreement(values: dict[str, Any], overrides: Sequence[str], flags: Seq
 
 
 def parse_command_line(
-    program: str, doc: str, flags: Sequence[Flag], argv: Sequence[str], groups: dict[str, str] | None = None
+    program: str, doc: str, flags: Sequence[Flag], argv: Sequence[str], groups: dict[str, str] | None = None,
+    config: str | None = None,
 ) -> tuple[argparse.Namespace, dict[str, Any], list[str]]:
     """(namespace, {config key: flag value}, key=value overrides). Exits 2 on an unknown option."""
     groups = groups or {}
-    parser = build_parser(program, doc, flags, groups)
+    parser = build_parser(program, doc, flags, groups, config)
     namespace, rest = parser.parse_known_args(list(argv))
     unknown = [item for item in rest if item.startswith("-")]
     if unknown:
-        valid = sorted({*groups, *(flag.option for flag in flags), "--help"})
+        valid = sorted({*groups, *(flag.option for flag in flags), "--help", *(["--help-config"] if config else [])})
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (valid options: {', '.join(valid)})")
     bad = [item for item in rest if "=" not in item]
     if bad:
@@ -172,7 +194,8 @@ class Command:
     def compose(self, argv: Sequence[str]) -> DictConfig:
         """The run's config from a command line (raises ConfigError; exits 2 on an unknown option)."""
         groups = self.groups or {}
-        namespace, values, overrides = parse_command_line(self.program, self.doc, self.flags, argv, groups)
+        namespace, values, overrides = parse_command_line(self.program, self.doc, self.flags, argv, groups,
+                                                          self.config)
         check_agreement(values, overrides, self.flags)
         if self.adjust is not None:
             self.adjust(namespace, values)

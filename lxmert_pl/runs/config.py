@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lxmert_pl.errors import ConfigError  # noqa: F401  (re-exported)
+from lxmert_pl.runs.schema import validate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -71,8 +72,32 @@ def load_base(base: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.create(shared), cfg)
 
 
+def kind_clash(cfg: DictConfig, update: DictConfig, prefix: str = "") -> str | None:
+    """The first key that `update` sets to a mapping where `cfg` holds a value or a list, or the reverse."""
+    for key, value in update.items():
+        if key not in cfg:
+            continue
+        name, current = f"{prefix}{key}", cfg[key]
+        if isinstance(current, DictConfig) and isinstance(value, DictConfig):
+            found = kind_clash(current, value, name + ".")
+            if found:
+                return found
+        elif isinstance(current, DictConfig) != isinstance(value, DictConfig):
+            return name
+    return None
+
+
 def merge_strict(cfg: DictConfig, update: DictConfig | dict, where: str) -> DictConfig:
     OmegaConf.set_struct(cfg, True)
+    clash = kind_clash(cfg, OmegaConf.create(update))
+    if clash:
+        wanted = OmegaConf.select(cfg, clash)
+        given = OmegaConf.select(OmegaConf.create(update), clash)
+        shown = OmegaConf.to_container(given) if OmegaConf.is_config(given) else given
+        if isinstance(wanted, DictConfig):
+            raise ConfigError(f"{where}: {clash}={shown}: {clash} is a group of keys "
+                              f"({', '.join(valid_keys(wanted, clash + '.'))}); set them one by one")
+        raise ConfigError(f"{where}: {clash}={shown}: {clash} takes a value, not a mapping of keys")
     try:
         return OmegaConf.merge(cfg, update)
     except (ConfigAttributeError, ConfigKeyError) as err:
@@ -120,4 +145,4 @@ def compose(
     if test_name and "data" in cfg:
         split = _absolute_paths(load_group("test", test_name), REPO_ROOT)
         cfg = merge_strict(cfg, {"data": split}, f"configs/test/{test_name}.yaml")
-    return merge_strict(cfg, cli, "command line")
+    return validate(base, merge_strict(cfg, cli, "command line"))

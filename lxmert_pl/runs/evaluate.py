@@ -43,6 +43,7 @@ from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.export import EvaluationResult, add_evaluation
 from lxmert_pl.runs.report import REPORT_NAME, report_enabled, write_eval_report
 from lxmert_pl.runs.wandb_images import log_report_images
+from lxmert_pl.export.model_card import check_card
 
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -80,7 +81,7 @@ def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = Tr
         return open_feature_source(paths), f"features: {', '.join(paths)}"
 
     from lxmert_pl.detector import ImageFolderFeatureSource, choose_geometry, load_detector
-    from lxmert_pl.detector.extraction import load_given_boxes
+    from lxmert_pl.detector.extraction import detector_file_digests, load_given_boxes
     from lxmert_pl.runs.extraction import box_selection, detector_device
 
     if not data.images:
@@ -102,7 +103,8 @@ def build_feature_source(cfg: DictConfig, out_dir: Path, writes_cache: bool = Tr
     say(f"Detector: {detector_ckpt.describe()}\n  {report.summary()}")
     cache = image_cache_path(cfg, out_dir) if writes_cache else None
     selection = box_selection(cfg.detector)
-    source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache)
+    source = ImageFolderFeatureSource(images, detector, selection=selection, given_boxes=boxes, cache_path=cache,
+                                      detector_sha256=detector_file_digests(report))
     mode = "at the given boxes of " + str(data.given_boxes) if boxes else selection.describe()
     return source, f"images: {images} (features extracted by the detector, {mode})"
 
@@ -168,6 +170,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.data.pairs:
         raise UserInputError("no pairs: pass --pairs FILE or --test NAME")
     _require_file(cfg.data.pairs, "pairs file")
+    if cfg.get("card"):  # checked before the run, not after all results are written
+        check_labelled_for_card(check_card(cfg.card), cfg.data.pairs)
     name = run_name(cfg)
     out_dir = Path(cfg.out) if cfg.out else REPO_ROOT / "outputs" / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +268,7 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
             })
         if report_enabled(cfg):
             cards = write_eval_report(stage.path, cfg, rows=rows, metrics=metrics, plots=staged_plots,
-                                      threshold=module.threshold, resolved=resolved, source=source,
+                                      threshold=module.threshold, resolved=resolved, source=scorer.source,
                                       model=module.model, name=name)
     plots = sorted((out_dir / "plots").glob("*.png")) if metrics else []
     if stage.replaced:
@@ -292,6 +296,15 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     if resolved.is_bundled_demo:
         say("Note: these are the bundled demo weights and data; see README for --ckpt lxr955.")
     return {"out_dir": out_dir, "metrics": metrics, "predictions": rows}
+
+
+def check_labelled_for_card(card: Path, pairs_path: str) -> None:
+    """`--card` with pairs without labels: no metrics would go into the card, so it is refused up front."""
+    from lxmert_pl.pairs.io import load_pairs
+
+    if not any(pair.label is not None for pair in load_pairs(pairs_path)):
+        raise UserInputError(f"--card {card}: {pairs_path} has no labels, so this run gives predictions only and no "
+                             "metrics for the card; drop --card, or evaluate labelled pairs")
 
 
 def describe_pairs(pairs: list, limit: int = 5) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lxmert_pl.fileio import write_atomically
 from lxmert_pl.metrics import decisions
 from lxmert_pl.pairs.io import Pair
 
@@ -34,9 +35,7 @@ PREDICTION_FIELDS = ["question_id", "img_id", "sent", "score", "answer", "ground
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, text)
 
 
 def prediction_rows(

@@ -24,6 +24,9 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +40,11 @@ from torch.utils.data import DataLoader, Dataset
 from lxmert_pl.data.sampler import UnpaddedDistributedSampler
 from lxmert_pl.distributed import world_and_rank
 from lxmert_pl.errors import UserInputError
+from lxmert_pl.export import EvaluationResult, add_evaluation
+from lxmert_pl.export.model_card import check_card
+from lxmert_pl.features.sources import expand_feature_paths
+from lxmert_pl.fileio import atomic_writer, write_atomically
+from lxmert_pl.fingerprint import compare, file_sha256, fingerprint
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.model.loading import load_lxmert
@@ -44,7 +52,7 @@ from lxmert_pl.pairs.io import CaptionSet, read_captions
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.retrieval import (BlockScores, Candidates, EncodingCache, GridBlock, ImageLoader, assemble_scores,
                                  check_k, check_mode, cross_scores, plan_blocks, relevance_matrix, split_directions)
-from lxmert_pl.runs.config import REPO_ROOT
+from lxmert_pl.runs.config import REPO_ROOT, _absolute_paths, load_group
 from lxmert_pl.runs.console import say
 from lxmert_pl.runs.errors import lightning_settings
 from lxmert_pl.runs.evaluate import PrefetchImages, build_feature_source, image_cache_path
@@ -74,27 +82,51 @@ class ShardStore:
     def __init__(self, directory: Path):
         self.dir = directory
 
-    def check_settings(self, settings: dict[str, Any]) -> None:
-        """Record `settings`, or check them against those already recorded (a mismatch is an error)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def check_record(self, record: dict[str, Any], overwrite: bool = False) -> None:
+        """Record what makes the shards (`lxmert_pl.fingerprint`), or check it against the recorded one: shards made
+        otherwise are refused naming what changed, or deleted first with `overwrite`."""
         path = self.dir / "settings.json"
         if path.exists():
-            old = json.loads(path.read_text(encoding="utf-8"))
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed:
-                diffs = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-                raise ShardMismatchError(f"{self.dir} holds the shards of a retrieval run with other settings ({diffs})"
-                                         f": use another --out, or delete {self.dir} to start over")
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                old = None
+            changed = compare(old, record)
+            if not changed:
+                return
+            if not overwrite:
+                raise ShardMismatchError(
+                    f"{self.dir} holds the blocks of a retrieval run made otherwise ({'; '.join(changed)}): use "
+                    f"another --out, or --overwrite to delete them and start afresh")
+            say(f"--overwrite: deleting the blocks in {self.dir}, made otherwise ({'; '.join(changed)})")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(record, indent=2) + "\n")
 
     def block_path(self, block: int) -> Path:
         return self.dir / f"block_{block:06d}.npz"
 
     def done(self, num_blocks: int) -> set[int]:
-        return {b for b in range(num_blocks) if self.block_path(b).exists()}
+        """The blocks whose files are present and readable; a damaged one (truncated, edited) is named, deleted and
+        scored again."""
+        done = set()
+        for block in range(num_blocks):
+            path = self.block_path(block)
+            if not path.exists():
+                continue
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    sizes = {len(data[name]) for name in ("image", "caption", "score")}
+                if len(sizes) != 1:
+                    raise ValueError(f"arrays of different lengths {sorted(sizes)}")
+            except FileNotFoundError:
+                continue  # deleted meanwhile by another process that found it damaged
+            except Exception as err:  # numpy/zipfile raise many types for a damaged file
+                say(f"{path}: damaged ({type(err).__name__}: {err}); deleted, its block is scored again")
+                path.unlink(missing_ok=True)
+                continue
+            done.add(block)
+        return done
 
     def write_block(self, part: BlockScores) -> None:
         _atomic_save_npz(self.block_path(part.block), image=part.image, caption=part.caption, score=part.score)
@@ -286,16 +318,41 @@ class RetrievalModule(pl.LightningModule):
                                                                        "images_encoded")}}
 
 
-def _settings(cfg: DictConfig, captions: CaptionSet, weights: Path, k: int | None) -> dict[str, Any]:
-    """What the shards depend on: a rerun with other values must not reuse them."""
+def _record(cfg: DictConfig, captions: CaptionSet, weights: Path, k: int | None, source) -> dict[str, Any]:
+    """What the shards depend on (`lxmert_pl.fingerprint`): a rerun made otherwise must not reuse them."""
     digest = hashlib.sha1()
     for text in (*captions.img_ids, "\x00", *captions.sentences, "\x00", *map(str, captions.caption_image)):
         digest.update(text.encode("utf-8") + b"\x01")
     r = cfg.retrieval
-    return {"weights": str(weights), "weights_bytes": weights.stat().st_size if weights.is_file() else None,
-            "mode": cfg.mode, "precision": str(cfg.trainer.precision), "k": k, "image_block": int(r.image_block),
-            "caption_block": int(r.caption_block), "max_seq_length": int(cfg.data.max_seq_length),
-            "num_images": captions.num_images, "num_captions": captions.num_captions, "set_sha1": digest.hexdigest()}
+    settings = {"model_config": cfg.model_config, "mode": cfg.mode, "precision": str(cfg.trainer.precision), "k": k,
+                "image_block": int(r.image_block), "caption_block": int(r.caption_block),
+                "max_seq_length": int(cfg.data.max_seq_length), "num_images": captions.num_images,
+                "num_captions": captions.num_captions, "set_sha1": digest.hexdigest()}
+    if hasattr(source, "prefetch"):  # one-step: the images, the detector and its settings make the features
+        features = [str(cfg.data.images)]
+        extraction = json.loads(source.settings.to_json())
+        settings["extraction"] = {key: value for key, value in extraction.items()
+                                  if key not in ("format", "version", "detector", "lxmert_pl_version")}
+        settings["given_boxes_sha256"] = file_sha256(cfg.data.given_boxes) if cfg.data.given_boxes else None
+    else:
+        features = [str(p) for p in expand_feature_paths(list(cfg.data.features))]
+    return fingerprint(weights, features, settings)
+
+
+def _preset_note(cfg: DictConfig, source_text: str) -> str:
+    """A note when the images or features come from the `--test` preset (eval.yaml's default `demo_val`) rather
+    than from the command line: retrieval of the user's captions against the demo's images is no one's intent."""
+    if not cfg.get("test"):
+        return ""
+    split = _absolute_paths(load_group("test", cfg.test), REPO_ROOT)
+    if source_text.startswith("features:"):
+        used, preset = [str(p) for p in cfg.data.features], [str(p) for p in split.get("features") or []]
+    else:
+        used, preset = str(cfg.data.images), str(split.get("images"))
+    if used != preset:
+        return ""
+    return (f" [from configs/test/{cfg.test}.yaml (--test {cfg.test}): pass --features or --images for the images of "
+            f"{cfg.retrieval.captions}]")
 
 
 def retrieval_name(cfg: DictConfig) -> str:
@@ -335,6 +392,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(2, "captions file not found", str(r.captions))
     k = None if r.k is None else int(r.k)
     check_k(k)
+    card = check_card(cfg.card) if cfg.get("card") else None  # before the run, not after its results
     captions = read_captions(r.captions, split=r.split or None, caption_source=r.caption_source,
                              skip_blank=bool(r.skip_blank))
     name = retrieval_name(cfg)
@@ -350,11 +408,13 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     prefetch = PrefetchImages(int(cfg.detector.batch_size), image_cache_path(cfg, out_dir))
     trainer = build_retrieval_trainer(cfg, loggers, [prefetch])
     source, source_text = build_feature_source(cfg, out_dir, writes_cache=trainer.is_global_zero)
+    source_text += _preset_note(cfg, source_text)
+    say(f"Images: {source_text}")
     captions = _check_features(captions, source, bool(cfg.data.skip_missing), source_text)
     prefetch.wanted = (source, list(captions.img_ids))
 
     store = ShardStore(out_dir / "shards")
-    store.check_settings(_settings(cfg, captions, resolved.path, k))
+    store.check_record(_record(cfg, captions, resolved.path, k, source), overwrite=bool(cfg.get("overwrite", False)))
     plan = plan_blocks(captions.num_images, captions.num_captions, k, int(r.image_block), int(r.caption_block))
     done = store.done(len(plan))
     candidates = store.read_candidates() if k is not None and store.first_stage_path.exists() else None
@@ -409,14 +469,19 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         write_retrieval_report(out_dir, cfg, rows=rows, metrics=finite, img_ids=captions.img_ids, resolved=resolved,
                                source=source, name=name)
     if captions.num_images * captions.num_captions <= int(r.save_scores_max):
-        np.save(out_dir / "scores.npy", scores.numpy())
+        with atomic_writer(out_dir / "scores.npy", "wb") as handle:
+            np.save(handle, scores.numpy())
         if candidates is not None:
             _atomic_save_npz(out_dir / "candidates.npz", i2t=candidates.i2t.numpy(), t2i=candidates.t2i.numpy())
-    OmegaConf.save(cfg, out_dir / "config.yaml")
+    write_atomically(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     for logger in loggers:
         logger.log_metrics({f"test/{key}": v for key, v in metrics.items() if math.isfinite(v)})
         logger.save()
     _log_wandb(loggers, metrics, rows, int(r.worst_queries))
+    if card is not None:
+        protocol_text = f"retrieval, {protocol_info['protocol']}, {cfg.mode}, weights {resolved.describe()}"
+        result = EvaluationResult(name, str(r.captions), protocol_text, finite, shlex.join(["eval.py", *sys.argv[1:]]))
+        say(f"Model card: {add_evaluation(card, result)} (Evaluation: {name})")
     say(f"Retrieval metrics (fractions; RSUM = sum of the six R@K, max 6):\n{metrics_table(metrics)}")
     say(f"Metrics: {out_dir / 'metrics.json'}\nTop-{TOP_N} per query: {out_dir / 'top10.json'}"
         + (f"\nReport: {out_dir / REPORT_NAME}" if report_enabled(cfg) else ""))

@@ -27,6 +27,7 @@ from lxmert_pl.export import TrainingSummary, card_for_checkpoint, write_model_c
 from lxmert_pl.export.model_card import describe_checkpoint
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.registry import ResolvedCheckpoint, resolve_checkpoint
+from lxmert_pl.fileio import write_atomically
 from lxmert_pl.runs.checkpointing import ResumeCheckpoint, check_resume, read_resume_point, run_record
 from lxmert_pl.runs.config import REPO_ROOT
 from lxmert_pl.runs.console import say
@@ -167,7 +168,7 @@ def run_train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True),
                             resumed_at_step=resume_point.logged_step if resume_point else None)
     trainer = build_trainer(cfg, loggers, [*run_callbacks, *callbacks], out_dir)
-    OmegaConf.save(cfg, out_dir / "config.yaml")
+    write_atomically(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resolved.path) if cfg.resume else None,
                     weights_only=True)
