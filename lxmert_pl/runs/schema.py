@@ -110,6 +110,24 @@ class Retrieval:
 
 
 @dataclass
+class Benchmark:
+    name: Optional[str] = key("task=benchmark: which benchmark", choices=("winoground", "valse", "negatives"))
+    data: Optional[str] = key("the benchmark's file or folder (winoground also hf://datasets/facebook/winoground)")
+    valid_only: bool = key("valse: score only the items annotators validated, as the paper does")
+
+
+@dataclass
+class Report:
+    enabled: bool = key("write report.html with the results (`report=false` is short for report.enabled=false)")
+    cards: int = key("cards per gallery (0: no galleries)", minimum=0)
+    boxes: int = key("labelled boxes drawn per card, most confident first", minimum=0)
+    why: int = key("boxes the sentence attends to most, outlined per card (0: none)", minimum=0)
+    thumbnail: int = key("long side of a card's picture in pixels", minimum=16, maximum=2048)
+    seed: int = key("seed of the sample of correct pairs")
+    retrieval_queries: int = key("retrieval runs: the worst-ranked queries shown", minimum=0)
+
+
+@dataclass
 class EvalDetector(Detector):
     cache: bool = key("keep extracted features in <out>/image_features.tsv and reuse them")
 
@@ -121,7 +139,8 @@ class EvalTrainer(Trainer):
 
 @dataclass
 class EvalConfig:
-    task: str = key("matching: score pairs | retrieval: rank images x captions", choices=("matching", "retrieval"))
+    task: str = key("matching: score pairs | retrieval: rank images x captions | benchmark: winoground, valse, "
+                    "negatives", choices=("matching", "retrieval", "benchmark"))
     ckpt: str = key("LXMERT weights: registry alias or path")
     model_config: Optional[str] = key("architecture JSON (null: the checkpoint's own, beside it, else lxr955)")
     mode: str = key("itm: matching head probability | cosine: max cosine over boxes", choices=("itm", "cosine"))
@@ -135,6 +154,8 @@ class EvalConfig:
     overwrite: bool = key("delete resumable results in --out made otherwise and start afresh (else: refused)")
     data: EvalData = block(EvalData)
     retrieval: Retrieval = block(Retrieval)
+    benchmark: Benchmark = block(Benchmark)
+    report: Report = block(Report)
     detector: EvalDetector = block(EvalDetector)
     trainer: EvalTrainer = block(EvalTrainer)
     logger: Logger = block(Logger)
@@ -200,6 +221,7 @@ class ExtractConfig:
     images: Optional[str] = key("image folder, or a list file of image paths")
     out: Optional[str] = key("output obj36 TSV (resumed when it exists)")
     given_boxes: Optional[str] = key("JSON {img_id: boxes}: pool these boxes instead of detecting")
+    show: int = key("draw the first N images of the TSV with their labelled boxes into <out>.show/", minimum=0)
     detector: Detector = block(Detector)
     trainer: Trainer = block(Trainer)
 
