@@ -55,12 +55,17 @@ def attention_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return ((1.0 - mask[:, None, None, :].to(dtype)) * MASK_BIAS).to(dtype)
 
 
+def use_fused_qkv(x: torch.Tensor) -> bool:
+    """Whether Q, K and V come from one stacked matmul for input `x` (see `fused_qkv_weights`)."""
+    return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+
 def fused_qkv_weights(att: "MultiHeadAttention", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`att`'s query, key and value weights [3H, D] and biases [3H] stacked for ONE projection matmul, or None for
     three. Only on CUDA, outside `torch.compile`: there one kernel launch replaces three. On CPU one matmul was
     no faster (1.5% on the FFN-sized matmul, less than stacking the weights costs), so CPU keeps three. The stack
     is cached until a weight changes (pointer or in-place version); with autograd it is rebuilt every call."""
-    if x.device.type != "cuda" or torch.compiler.is_compiling():
+    if not use_fused_qkv(x):
         return None
     params = (att.query.weight, att.key.weight, att.value.weight, att.query.bias, att.key.bias, att.value.bias)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):

@@ -39,6 +39,7 @@ from lxmert_pl.distributed import world_and_rank
 from lxmert_pl.errors import UserInputError
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel
+from lxmert_pl.model.compile import compile_layers, run_device
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.pairs.io import CaptionSet, read_captions
 from lxmert_pl.registry import resolve_checkpoint
@@ -342,6 +343,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     resolved = resolve_checkpoint(str(cfg.ckpt))
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config,
                                 require=("matching",) if cfg.mode == "itm" else ())
+    compile_layers(model, bool(cfg.model.compile), run_device(str(cfg.trainer.accelerator)))
     say(f"Weights: {resolved.describe()}\n  {report.summary()}")
     source, source_text = build_feature_source(cfg, out_dir)
     captions = _check_features(captions, source, bool(cfg.data.skip_missing), source_text)
