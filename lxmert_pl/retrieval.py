@@ -51,7 +51,8 @@ class EncodingCache:
 
     Captions (from `sentences`) are encoded on first use, `batch_size` at a time; images are added with
     `add_images`. `text(index)` / `image(index)` return row-aligned batches for the cross layers, images padded to
-    the largest box count of the batch and masked, captions (stored without their padding) to the longest. Memory: (M·L + N·B)·H values for everything encoded so far.
+    the largest box count of the batch and masked, captions (stored without their padding) to the longest.
+    Memory: (M·L + N·B)·H values for everything encoded so far.
     `captions_encoded` / `images_encoded` count the encoder passes (each item once).
     """
 
