@@ -44,6 +44,8 @@ FLAGS = [
          choices=("fp32", "bf16")),
     Flag("--geometry", "detector.geometry", "proposal geometry (default: the registry's for an alias, else port)",
          choices=GEOMETRIES),
+    Flag("--show", "show", "draw the first N extracted images with their labelled boxes to <out>.show/*.png",
+         type=int),
     ACCELERATOR, DEVICES, NUM_NODES,
 ]
 

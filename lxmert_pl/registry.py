@@ -43,7 +43,7 @@ from lxmert_pl.hub import HubRef, HubUnavailableError, fetch_hub_files, parse_hu
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf", "frcnn-caffe")
+FORMATS = ("lxrt-pretrain", "lxrt-finetuned", "hf", "lightning", "frcnn-hf", "frcnn-caffe", "vocab")
 BUNDLED = "bundled"
 ENV_CHECKPOINTS = "LXMERT_PL_CHECKPOINTS"
 REPO_CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"

@@ -251,6 +251,41 @@ class Scorer:
             cosine=torch.cat(cosines).numpy(),
         )
 
+    @torch.no_grad()
+    def explain(
+        self,
+        sentences: Sequence[str],
+        features: np.ndarray | torch.Tensor | Sequence,
+        boxes: np.ndarray | torch.Tensor | Sequence,
+        box_mask: np.ndarray | torch.Tensor | None = None,
+    ) -> list[np.ndarray]:
+        """Per pair, the weight of each REAL box in the last cross layer's attention from the first token (mean over
+        heads; sums to 1): see `lxmert_pl.explain`. Same inputs as `score`; a separate pass, for the few pairs shown.
+        """
+        from lxmert_pl.explain import explain_batch
+
+        if len(sentences) != len(features) or len(features) != len(boxes):
+            raise ValueError(f"got {len(sentences)} sentences, {len(features)} feature sets, {len(boxes)} box sets")
+        if isinstance(features, (list, tuple)):
+            features, boxes, box_mask = pad_boxes(features, boxes)
+        features = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features,
+                                   dtype=torch.float32)
+        boxes = torch.as_tensor(np.asarray(boxes) if not torch.is_tensor(boxes) else boxes, dtype=torch.float32)
+        if box_mask is None:
+            box_mask = torch.ones(features.shape[:2], dtype=torch.long)
+        box_mask = torch.as_tensor(np.asarray(box_mask) if not torch.is_tensor(box_mask) else box_mask)
+        tokens = self.tokenizer(list(sentences))
+        out: list[np.ndarray] = []
+        for start in range(0, len(sentences), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            batch = {k: v[part].to(self.device) for k, v in tokens.items()}
+            batch.update(features=features[part].to(self.device), boxes=boxes[part].to(self.device),
+                         box_mask=box_mask[part].to(self.device))
+            weights = explain_batch(self.model, batch).float().cpu().numpy()
+            real = box_mask[part].bool().numpy()
+            out += [row[keep] for row, keep in zip(weights, real)]
+        return out
+
 
 __all__ = ["Scorer", "ScoreResult", "forward_batch", "forward_pairs", "forward_factorized", "pad_boxes",
            "SCORE_MODES", "PRECISIONS", "precision_dtype", "trim_padding"]

@@ -12,6 +12,9 @@ Stages (each prints its run time):
             detector is NOT trained to detect (its RPN stays random): the demo pools features at the ground-truth
             boxes.
             Written in the HF port's format to checkpoints/demo/frcnn/ (config.yaml + model.safetensors).
+  labels    the detector's class and attribute predictors fitted as a SHAPE and a COLOUR classifier on its own pooled
+            features of the TRAIN crops (backbone and res5 untouched, so the features do not change), and its
+            vocabulary (shapes, colours) written into its config.yaml: the demo's boxes read "red circle 0.98".
   probe     linear probe (logistic regression on the train crops' pooled features, scored on the val crops) of the
             detector's features: colour / shape / colour+shape accuracy.
   features  `extract.py --given-boxes data/sample/boxes.json` for train/val/test -> data/sample/features/<split>_obj.tsv
@@ -41,17 +44,21 @@ DEMO = REPO / "checkpoints" / "demo"
 FEATURES = SAMPLE / "features"
 WORK = REPO / "outputs" / "make_demo"  # intermediate files (not bundled)
 SPLITS = ("train", "val", "test")
-STAGES = ("detector", "probe", "features", "lxrt", "train", "convert", "eval")
+STAGES = ("detector", "labels", "probe", "features", "lxrt", "train", "convert", "eval")
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "white", "orange")
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SIZES = ("small", "large")
 
 # The demo detector: the tiny ResNet-50 C4 of lxmert_pl.detector.random_weights, pooled width --dim (= 8 * res2 channels), with
-# few classes/attributes (its class scores mean nothing here: they only fill the TSV's object columns) and a strided
-# res5 (7x7 instead of the VG model's dilated 14x14: 4x less compute, for a demo that builds in minutes on a CPU).
+# one class per shape and one attribute per colour (fitted by the `labels` stage; they fill the TSV's object and
+# attribute columns and the labels drawn on its boxes) and a strided res5 (7x7 instead of the VG model's dilated
+# 14x14: 4x less compute, for a demo that builds in minutes on a CPU).
 # Input: the scenes' short side (128-160 px) resized to 256, enough for 16-52 px shapes at the stride-16 res4 map.
-DETECTOR_OVERRIDES = {"num_classes": 16, "num_attrs": 8, "res5_halve": True, "min_size_test": 256, "max_size_test": 448}
+DETECTOR_OVERRIDES = {"num_classes": len(SHAPES), "num_attrs": len(COLORS), "res5_halve": True, "min_size_test": 256,
+                      "max_size_test": 448}
+# A column that must never win (the background class, "no attribute"): its logit sits this far below the others.
+NEVER_LOGIT = -30.0
 
 # The tiny LXRT. x_layers >= 2: with one cross layer the vision stream's cross-attention cannot reach the pooled
 # [CLS] (the pooler reads the language stream after the last cross layer). No dropout: at this width, from scratch,
@@ -191,6 +198,148 @@ def stage_detector(args: argparse.Namespace) -> None:
     log(f"demo detector written to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.2f} MB)")
 
 
+def fit_classifier(x: torch.Tensor, y: torch.Tensor, classes: int, hidden: int | None = None,
+                   steps: int = 400) -> torch.nn.Module:
+    """A seeded softmax classifier of standardised features: linear, or with one ReLU layer of `hidden` units."""
+    torch.manual_seed(0)
+    if hidden is None:
+        net = torch.nn.Linear(x.shape[1], classes)
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
+                                  torch.nn.Linear(hidden, classes))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net.requires_grad_(False)
+
+
+def stage_labels(args: argparse.Namespace) -> None:
+    """Fit the predictors on the detector's pooled features and write them, with the vocabulary, into its folder."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from lxmert_pl.detector import FrcnnConfig
+    from lxmert_pl.detector.loading import CONFIG_NAME, OWN_SECTION
+    from lxmert_pl.vocab import ATTRIBUTES_KEY, OBJECTS_KEY
+
+    out = DEMO / "frcnn"
+    prefix = "roi_heads.box_predictor."
+    config = yaml.safe_load((out / CONFIG_NAME).read_text(encoding="utf-8"))
+    config["ROI_HEADS"]["NUM_CLASSES"], config["ROI_BOX_HEAD"]["NUM_ATTRS"] = len(SHAPES), len(COLORS)
+    section = config.setdefault(OWN_SECTION, {})
+    section[OBJECTS_KEY], section[ATTRIBUTES_KEY] = list(SHAPES), list(COLORS)
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    cfg = FrcnnConfig.from_yaml(out / CONFIG_NAME)
+    # The predictors are sized for one class per shape and one attribute per colour (placeholders until fitted
+    # below); every other tensor, the backbone and res5 that make the features, stays as it is.
+    state = load_file(str(out / "model.safetensors"))
+    embed_dim, hidden = cfg.pooled_dim // 8, cfg.pooled_dim // 4
+    state.update({
+        prefix + "cls_score.weight": torch.zeros(len(SHAPES) + 1, cfg.pooled_dim),
+        prefix + "cls_score.bias": torch.zeros(len(SHAPES) + 1),
+        prefix + "cls_embedding.weight": torch.zeros(len(SHAPES) + 1, embed_dim),
+        prefix + "fc_attr.weight": torch.zeros(hidden, cfg.pooled_dim + embed_dim),
+        prefix + "fc_attr.bias": torch.zeros(hidden),
+        prefix + "attr_score.weight": torch.zeros(len(COLORS) + 1, hidden),
+        prefix + "attr_score.bias": torch.zeros(len(COLORS) + 1),
+        prefix + "bbox_pred.weight": torch.zeros(len(SHAPES) * 4, cfg.pooled_dim),  # never trained (see probe)
+        prefix + "bbox_pred.bias": torch.zeros(len(SHAPES) * 4),
+    })
+    save_file(state, str(out / "model.safetensors"))
+    x, y = crop_features("train")
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z, y = torch.from_numpy((x - mean) / std), torch.from_numpy(y)
+    mean, std = torch.from_numpy(mean), torch.from_numpy(std)
+    shape = fit_classifier(z, y[:, 1], len(SHAPES))
+    # The attribute branch is Linear(D + E -> H) -> ReLU -> Linear(H -> A + 1) on [feature, embedding of the class]:
+    # fitted as a one-hidden-layer colour classifier of the feature alone (a zero class embedding).
+    colour = fit_classifier(z, y[:, 0], len(COLORS), hidden=hidden)
+    for name, net, target in (("shape", shape, y[:, 1]), ("colour", colour, y[:, 0])):
+        log(f"labels: {name} classifier, train accuracy {(net(z).argmax(-1) == target).float().mean():.3f}")
+
+    def fold(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same map on the raw features: W (x - mean) / std + b."""
+        return weight / std, bias - (weight * (mean / std)).sum(1)
+
+    cls_w, cls_b = fold(shape.weight, shape.bias)
+    attr_w, attr_b = fold(colour[0].weight, colour[0].bias)
+    state.update({
+        prefix + "cls_score.weight": torch.cat([cls_w, torch.zeros(1, cfg.pooled_dim)]),  # background last, never
+        prefix + "cls_score.bias": torch.cat([cls_b, torch.tensor([NEVER_LOGIT])]),
+        prefix + "cls_embedding.weight": torch.zeros(len(SHAPES) + 1, embed_dim),
+        prefix + "fc_attr.weight": torch.cat([attr_w, torch.zeros(hidden, embed_dim)], dim=1),
+        prefix + "fc_attr.bias": attr_b,
+        prefix + "attr_score.weight": torch.cat([colour[2].weight, torch.zeros(1, hidden)]),  # "no attribute" last
+        prefix + "attr_score.bias": torch.cat([colour[2].bias, torch.tensor([NEVER_LOGIT])]),
+    })
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    log(f"labels: shape and colour predictors and their names written to {shown(out)}")
+    for split in SPLITS:  # the bundled TSVs, when they exist, get the new labels of their own features
+        if (FEATURES / f"{split}_obj.tsv").exists():
+            relabel_tsv(split)
+
+
+def demo_detector_name() -> str:
+    """How extraction names the demo detector in the TSVs' sidecars: its registry alias for the bundled one."""
+    return "demo-frcnn" if DEMO == REPO / "checkpoints" / "demo" else str(DEMO / "frcnn")
+
+
+def relabel_tsv(split: str) -> None:
+    """Rewrite the object and attribute columns of `<split>_obj.tsv` with the saved detector's predictors applied
+    to the file's own features (exactly what extraction feeds them); every other column keeps its bytes."""
+    from lxmert_pl.detector import load_detector
+    from lxmert_pl.detector.extraction import (boxes_digest, detector_file_digests, extraction_settings,
+                                               load_given_boxes)
+    from lxmert_pl.detector.selection import OBJ36, object_columns
+    from lxmert_pl.features.provenance import write_settings
+    from lxmert_pl.features.codec import decode_row, encode_line
+    from lxmert_pl.fileio import atomic_writer
+
+    model, report = load_detector(DEMO / "frcnn")
+    path = FEATURES / f"{split}_obj.tsv"
+    rows = [decode_row(line) for line in path.read_bytes().splitlines() if line.strip()]
+    # The provenance sidecar names the detector whose labels the file now holds (the report reads its names).
+    given = load_given_boxes(SAMPLE / "boxes.json")
+    write_settings(path, extraction_settings(model, demo_detector_name(), detector_file_digests(report), OBJ36,
+                                             given, boxes_digest(given)))
+    scenes = json.loads((SAMPLE / "scenes.json").read_text())
+    right = np.zeros(3)
+    with atomic_writer(path, "wb") as handle:
+        for row in rows:
+            with torch.no_grad():
+                cls_logits, attr_logits = model.roi_head.predictor(torch.tensor(row.features))
+            object_prob, attr_prob = object_columns(cls_logits.softmax(-1), attr_logits.softmax(-1), False)
+            objects_conf, objects_id = object_prob.max(dim=1)
+            attrs_conf, attrs_id = attr_prob.max(dim=1)
+            row.objects_id, row.objects_conf = objects_id.numpy().astype(np.int64), objects_conf.numpy()
+            row.attrs_id, row.attrs_conf = attrs_id.numpy().astype(np.int64), attrs_conf.numpy()
+            handle.write(encode_line(row))
+            truth = scenes[row.img_id]["objects"]
+            if len(truth) == len(row.objects_id):  # given boxes: the scene's objects, in order
+                shape_ok = row.objects_id == [SHAPES.index(o["shape"]) for o in truth]
+                colour_ok = row.attrs_id == [COLORS.index(o["color"]) for o in truth]
+                right += [shape_ok.sum(), colour_ok.sum(), (shape_ok & colour_ok).sum()]
+    boxes = sum(len(r.objects_id) for r in rows)
+    log(f"labels: {shown(path)} relabelled; against scenes.json: shape {right[0] / boxes:.3f}, colour "
+        f"{right[1] / boxes:.3f}, both {right[2] / boxes:.3f} ({boxes} boxes)")
+
+
+def crop_predictions(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The saved detector's (shape, colour) prediction for each ground-truth crop of a split, and the truth."""
+    from lxmert_pl.detector import load_detector
+
+    model, _ = load_detector(DEMO / "frcnn")
+    ids, boxes, labels = crop_labels(split)
+    predicted = []
+    for start in range(0, len(ids), 8):
+        paths = [str(SAMPLE / "images" / split / f"{i}.png") for i in ids[start : start + 8]]
+        predicted += [np.stack([r.objects_id, r.attrs_id], 1)
+                      for r in model.extract(paths, given_boxes=boxes[start : start + 8])]
+    return np.concatenate(predicted), np.concatenate(labels)
+
+
 def crop_features(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of a split's ground-truth crops, through the saved detector (as the extractor computes them)."""
     from lxmert_pl.detector import load_detector
@@ -232,6 +381,10 @@ def stage_probe(args: argparse.Namespace) -> dict:
             result[name] = (probe(xtr).argmax(-1) == ttr).float().mean().item(), \
                 (probe(xva).argmax(-1) == tva).float().mean().item()
         log(f"linear probe {name:>12}: train {result[name][0]:.3f}  val {result[name][1]:.3f}")
+    predicted, truth = crop_predictions("val")
+    shape_ok, colour_ok = predicted[:, 0] == truth[:, 1], predicted[:, 1] == truth[:, 0]
+    log(f"detector labels on the val crops: shape {shape_ok.mean():.3f}  colour {colour_ok.mean():.3f}  "
+        f"both {(shape_ok & colour_ok).mean():.3f}")
     return result
 
 
@@ -242,10 +395,10 @@ def stage_features(args: argparse.Namespace) -> None:
     FEATURES.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         out = FEATURES / f"{split}_obj.tsv"
-        for stale in (out, out.with_name(out.name + ".skipped.txt")):
+        for stale in (out, out.with_name(out.name + ".skipped.txt"), out.with_name(out.name + ".meta.json")):
             stale.unlink(missing_ok=True)
         run([sys.executable, "extract.py", "--images", SAMPLE / "images" / split, "--out", out,
-             "--detector", DEMO / "frcnn", "--given-boxes", SAMPLE / "boxes.json", "--batch-size", "8"])
+             "--detector", demo_detector_name(), "--given-boxes", SAMPLE / "boxes.json", "--batch-size", "8"])
         log(f"{shown(out)}: {out.stat().st_size / 1e6:.2f} MB")
 
 

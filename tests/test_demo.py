@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CKPT = REPO_ROOT / "checkpoints" / "demo" / "lxrt_demo.ckpt"
@@ -97,3 +98,28 @@ def test_one_step_with_the_bf16_detector_head(one_step, tmp_path):
     assert bf16_scores.keys() == scores.keys()
     assert bf16_metrics["accuracy"] >= TARGET_ACCURACY, bf16_metrics
     assert max(abs(bf16_scores[q] - scores[q]) for q in scores) < 0.05
+
+
+def test_the_demo_report_in_a_browser(one_step, tmp_path):
+    """`python eval.py` writes outputs/demo_val/report.html: headless Chromium loads it without a console error,
+    every picture decodes, the galleries hold the demo's 6 false positives and 4 false negatives; the README's
+    screenshot script runs on it."""
+    from browser import open_page
+    from conftest import load_script
+
+    report = REPO_ROOT / "outputs" / "demo_val" / "report.html"
+    rows = json.loads((REPO_ROOT / "outputs" / "demo_val" / "predictions.json").read_text())
+    false_pos = {r["question_id"] for r in rows if r["answer"] == "True" and r["ground"] == "False"}
+    false_neg = {r["question_id"] for r in rows if r["answer"] == "False" and r["ground"] == "True"}
+    assert (len(false_pos), len(false_neg)) == (6, 4)
+    with open_page(report, tmp_path / "report.png") as page:
+        assert page.console_errors == []
+        assert len(page.images) > 50 and all(img["natural_width"] > 0 for img in page.images)
+        shown = page.run("const out = {}; document.querySelectorAll('section.gallery').forEach(s => out[s.id] = "
+                         "Array.from(s.querySelectorAll('.card')).map(c => Number(c.dataset.questionId))); return out;")
+        assert set(shown["false-positives"]) == false_pos and set(shown["false-negatives"]) == false_neg
+        assert len(shown["correct"]) == 24 and len(shown["uncertain"]) == 24
+        assert "why" in page.run("return document.querySelector('#false-positives .card').textContent")
+    script = load_script(REPO_ROOT / "scripts" / "report_screenshot.py", "report_screenshot")
+    out = script.screenshot(report, tmp_path / "docs" / "report.png")
+    assert Image.open(out).size == (1280, 1560)

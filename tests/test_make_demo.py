@@ -36,12 +36,19 @@ def test_every_stage_but_eval_runs_on_a_tiny_sample(make_demo, tmp_path, capsys,
     from lxmert_pl.features.tsv import read_img_ids
     from lxmert_pl.model import load_lxmert
 
-    stages = "detector,probe,features,lxrt,train,convert"
+    stages = "detector,labels,probe,features,lxrt,train,convert"
     assert make_demo.main(["--stages", stages, "--det-epochs", "1", "--epochs", "1", "--dim", "32"]) == 0
     out = capsys.readouterr().out
     for stage in stages.split(","):
         assert f"stage {stage}:" in out
-    assert "linear probe colour+shape" in out
+    assert "linear probe colour+shape" in out and "detector labels on the val crops" in out
+    from lxmert_pl.features.tsv import iter_tsv_features
+    from lxmert_pl.vocab import load_vocabulary
+
+    vocabulary = load_vocabulary(tmp_path / "demo" / "frcnn", download=False)
+    assert vocabulary.objects == list(make_demo.SHAPES) and vocabulary.attributes == list(make_demo.COLORS)
+    row = next(iter_tsv_features(tmp_path / "sample" / "features" / "val_obj.tsv"))
+    assert set(row.objects_id.tolist()) <= set(range(5)) and set(row.attrs_id.tolist()) <= set(range(7))
 
     assert {p.name for p in (tmp_path / "demo" / "frcnn").iterdir()} == {"config.yaml", "model.safetensors"}
     for split, count in (("train", 12), ("val", 4), ("test", 2)):

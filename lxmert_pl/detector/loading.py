@@ -131,7 +131,8 @@ def record_geometry(config_path: Path, geometry: str) -> None:
     """Add `LXMERT_PL.PROPOSAL_GEOMETRY: geometry` to a config.yaml (see `recorded_geometry`)."""
     with open(config_path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
-    data[OWN_SECTION] = {GEOMETRY_KEY: check_geometry(geometry, "geometry")}
+    section = data.get(OWN_SECTION) if isinstance(data.get(OWN_SECTION), dict) else {}
+    data[OWN_SECTION] = {**section, GEOMETRY_KEY: check_geometry(geometry, "geometry")}  # keeps a vocabulary there
     with open(config_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, sort_keys=False)
 

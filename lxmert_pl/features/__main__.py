@@ -4,6 +4,8 @@
     python -m lxmert_pl.features index PATH.tsv [...] [--rebuild]     build or refresh byte-offset indexes
     python -m lxmert_pl.features check PATH.tsv [...]                 decode every row, report problems
     python -m lxmert_pl.features repair PATH.tsv [...]                drop a truncated last line (keep a complete one)
+    python -m lxmert_pl.features show F.tsv --images DIR (--ids ID ... | --first N) --out DIR
+                                                                      draw each image's boxes with labels to PNG
 
 Exit status: 0 on success, 1 when `check` found problems, 2 on an error (message on stderr).
 """
@@ -23,6 +25,7 @@ from lxmert_pl.features.check import check_tsv
 from lxmert_pl.features.errors import FeatureFileError
 from lxmert_pl.features.index import load_or_build_index
 from lxmert_pl.features.lines import repair_tail
+from lxmert_pl.errors import UserInputError
 
 
 def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +56,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
     repair = commands.add_parser("repair", help="remove a truncated last line left by an interrupted write")
     repair.add_argument("inputs", nargs="+")
+
+    show = commands.add_parser("show", help="draw images' boxes with their labels and confidences to PNG")
+    show.add_argument("inputs", nargs="+", help="TSV files or stores")
+    show.add_argument("--images", help="folder of the raw images (without: a blank canvas of the recorded size)")
+    choose = show.add_mutually_exclusive_group(required=True)
+    choose.add_argument("--ids", nargs="+", default=[], help="img_ids to draw")
+    choose.add_argument("--first", type=int, help="draw the first N rows")
+    show.add_argument("--out", required=True, help="folder for <img_id>.png")
+    show.add_argument("--boxes", type=int, default=10, help="most confident boxes drawn per image")
+    show.add_argument("--long-side", type=int, default=512, help="picture size (long side, px); 0: the image's own")
+    show.add_argument("--detector", help="detector alias or folder whose names label the boxes (default: the one "
+                                         "the file's .meta.json records, else Visual Genome's)")
     return parser
 
 
@@ -95,14 +110,23 @@ def _repair(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"convert": _convert, "index": _index, "check": _check, "repair": _repair}
+def _show(args: argparse.Namespace) -> int:
+    from lxmert_pl.features.show import show_features
+
+    written = show_features(args.inputs, args.out, images=args.images, ids=args.ids, first=args.first,
+                            max_boxes=args.boxes, long_side=args.long_side, detector=args.detector)
+    print(f"{len(written)} picture(s) in {args.out}")
+    return 0
+
+
+_COMMANDS = {"convert": _convert, "index": _index, "check": _check, "repair": _repair, "show": _show}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (FeatureFileError, FileNotFoundError, FileExistsError, IsADirectoryError) as err:
+    except (FeatureFileError, UserInputError, FileNotFoundError, FileExistsError, IsADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

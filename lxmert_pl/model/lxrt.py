@@ -95,6 +95,17 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def attention_probs(self, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The softmax probabilities `forward` weights the values with, [B, heads, Lq, Lk] in float32 (no dropout).
+
+        The one place the model's attention can be looked at (lxmert_pl/explain.py); computed explicitly here, since
+        the fused `scaled_dot_product_attention` in `forward` does not return them."""
+        q, k = self._heads(self.query(hidden)), self._heads(self.key(context))
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+        if bias is not None:
+            scores = scores + bias.float()
+        return scores.softmax(dim=-1)
+
     def _merge(self, out: torch.Tensor) -> torch.Tensor:
         batch, _, length, _ = out.shape
         return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)

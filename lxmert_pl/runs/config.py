@@ -82,6 +82,15 @@ def merge_strict(cfg: DictConfig, update: DictConfig | dict, where: str) -> Dict
         ) from None
 
 
+def enabled_shorthand(cfg: DictConfig, override: str) -> str:
+    """`block=false` / `block=true` for a block with an `enabled` key (e.g. `report=false`) -> `block.enabled=...`."""
+    key, sep, value = override.partition("=")
+    block = cfg.get(key) if sep and "." not in key else None
+    if isinstance(block, DictConfig) and "enabled" in block and value.strip().lower() in ("true", "false"):
+        return f"{key}.enabled={value.strip().lower()}"
+    return override
+
+
 def compose(
     base: str,
     *,
@@ -94,7 +103,7 @@ def compose(
     cfg = load_base(base)
     if experiment:
         cfg = merge_strict(cfg, load_group("experiment", experiment), f"configs/experiment/{experiment}.yaml")
-    overrides = list(overrides)
+    overrides = [enabled_shorthand(cfg, o) for o in overrides]
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unrecognised arguments {bad}: overrides are key=value; valid keys: "

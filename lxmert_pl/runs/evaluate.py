@@ -41,6 +41,8 @@ from lxmert_pl.runs.outputs import (
 )
 from lxmert_pl.registry import resolve_checkpoint
 from lxmert_pl.export import EvaluationResult, add_evaluation
+from lxmert_pl.runs.report import REPORT_NAME, report_enabled, write_eval_report
+from lxmert_pl.runs.wandb_images import log_report_images
 
 # Lightning's start-up chatter (accelerator lines, tips) is not what the user ran eval for.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -214,24 +216,29 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     rows = prediction_rows(pairs, results["index"][finite], results["score"][finite], module.threshold,
                            [*skipped, *nonfinite])
     metrics = results.get("metrics") or {}
+    cards, staged_plots = {}, []
     with StagedResults(out_dir) as stage:
         write_predictions(stage.path, rows)
         OmegaConf.save(cfg, stage.path / "config.yaml")
         if metrics:
             labelled = (results["label"] >= 0) & finite
-            write_plots(stage.path, results["score"][labelled], results["label"][labelled], module.threshold,
-                        cfg.mode)
+            staged_plots = write_plots(stage.path, results["score"][labelled], results["label"][labelled],
+                                       module.threshold, cfg.mode)
             write_metrics(stage.path, metrics, {
                 "ckpt": str(cfg.ckpt), "weights": str(resolved.path), "mode": cfg.mode, "pairs": str(cfg.data.pairs),
                 "num_pairs_total": len(pairs), "num_skipped": len(skipped), "num_nonfinite": len(nonfinite),
             })
+        if report_enabled(cfg):
+            cards = write_eval_report(stage.path, cfg, rows=rows, metrics=metrics, plots=staged_plots,
+                                      threshold=module.threshold, resolved=resolved, source=source,
+                                      model=module.model, name=name)
     plots = sorted((out_dir / "plots").glob("*.png")) if metrics else []
     if stage.replaced:
         say(f"Replaced the results of an earlier run in {out_dir}: {', '.join(stage.replaced)}")
     for logger in loggers:
         logger.log_metrics({f"test/{k}": v for k, v in metrics.items() if v == v})  # NaN dropped
         logger.save()
-    _log_wandb(loggers, metrics, plots, rows, int(cfg.logger.wandb.table_rows))
+    _log_wandb(loggers, metrics, plots, rows, int(cfg.logger.wandb.table_rows), cards)
     if skipped:
         say(f"Skipped {len(skipped)} pairs whose img_id no feature source has (data.skip_missing=true).")
     if nonfinite:
@@ -242,7 +249,8 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     else:
         say(f"No labels in {cfg.data.pairs}: predictions only.")
     say(f"Predictions: {out_dir / 'predictions.json'} (and .csv)"
-        + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else ""))
+        + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else "")
+        + (f"\nReport: {out_dir / REPORT_NAME}" if report_enabled(cfg) else ""))
     if cfg.get("card") and metrics:
         protocol = f"{cfg.mode} scoring, threshold {module.threshold:g}, weights {resolved.describe()}; {source_text}"
         result = EvaluationResult(name, str(cfg.data.pairs), protocol, metrics, shlex.join(["eval.py", *sys.argv[1:]]))
@@ -271,7 +279,9 @@ def nonfinite_pairs(pairs: list, indices: list[int], skip: bool) -> list:
     return bad
 
 
-def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict], limit: int) -> None:
+def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict], limit: int,
+               cards: dict | None = None) -> None:
+    """Metrics, plots and the predictions table; `cards` (the report's, by gallery): their pictures with boxes."""
     logger = wandb_logger(loggers)
     if logger is None:
         return
@@ -282,7 +292,11 @@ def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict]
     run.summary.update(clean)
     run.log({**clean, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
     columns = ["question_id", "img_id", "sent", "score", "answer", "ground"]
-    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows[:limit]])
+    data = [[r.get(c) for c in columns] for r in rows[:limit]]
+    if cards:  # the report's cards: their pictures with the detections as wandb boxes
+        images = log_report_images(run, cards, limit)
+        columns, data = [*columns, "image"], [[*row, images.get(i)] for i, row in enumerate(data)]
+    table = wandb.Table(columns=columns, data=data)
     run.log({"predictions": table})
     logger.finalize("success")
     run.finish()

@@ -10,6 +10,7 @@ processes (DDP), each extracting its share of the images; under torchrun or SLUR
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -81,4 +82,18 @@ def run_extract(cfg: DictConfig) -> ExtractionResult:
     )
     if result.written + result.already_done == 0 and result.skipped:
         raise UserInputError(f"no image could be extracted ({len(result.skipped)} skipped, see the list above)")
+    if int(cfg.get("show") or 0) > 0 and trainer.is_global_zero:
+        show_extracted(cfg, paths, detector.path)
     return result
+
+
+def show_extracted(cfg: DictConfig, paths: list, detector_path) -> None:
+    """`--show N`: the first N rows of the TSV drawn with their labelled boxes into `<out>.show/`."""
+    from lxmert_pl.detector.extraction import image_id
+    from lxmert_pl.features.show import show_features
+    from lxmert_pl.report.cards import ImageLookup
+
+    folder = Path(str(cfg.out) + ".show")
+    images = ImageLookup(paths={image_id(p): p for p in paths})
+    written = show_features([cfg.out], folder, images=images, first=int(cfg.show), detector=str(detector_path))
+    say(f"Drew {len(written)} image(s) with their boxes into {folder}")

@@ -4,7 +4,8 @@
   `score` (P(matched) for `itm`, cosine for `cosine`), `answer` ("True"/"False" at the threshold), `ground` when the
   pair has a label, plus `image_id`/`sentence` (the research fork's dump names, so its scripts keep working);
 - `metrics.json` when labels exist; `plots/` (ROC, PR, score histograms per label, confusion matrix, PNG);
-- `config.yaml` (the resolved config of the run).
+- `config.yaml` (the resolved config of the run);
+- `report.html` (unless `report=false`): the run's header, metrics, plots and galleries of pairs (lxmert_pl/report).
 A run's results are one consistent set: `StagedResults` writes them into a hidden folder inside the output folder and
 moves them into place only when all of them are written, replacing every result file of an earlier run there
 (including ones this run does not produce, e.g. an old `metrics.json` beside unlabelled predictions). A crash or an
@@ -28,7 +29,7 @@ from lxmert_pl.metrics import decisions
 from lxmert_pl.pairs.io import Pair
 
 # Everything an evaluation writes as its result (the CSV/wandb logs and the image-feature cache are not results).
-RESULT_NAMES = ("predictions.json", "predictions.csv", "metrics.json", "plots", "config.yaml")
+RESULT_NAMES = ("predictions.json", "predictions.csv", "metrics.json", "plots", "config.yaml", "report.html")
 PREDICTION_FIELDS = ["question_id", "img_id", "sent", "score", "answer", "ground", "image_id", "sentence"]
 
 

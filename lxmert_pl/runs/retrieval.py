@@ -51,6 +51,7 @@ from lxmert_pl.runs.errors import lightning_settings
 from lxmert_pl.runs.evaluate import build_feature_source
 from lxmert_pl.runs.loggers import build_loggers, wandb_logger
 from lxmert_pl.runs.outputs import metrics_table, write_metrics
+from lxmert_pl.runs.report import REPORT_NAME, report_enabled, write_retrieval_report
 from lxmert_pl.runs.placement import choose_strategy
 from lxmert_pl.tokenizer import LxmertTokenizer
 
@@ -404,6 +405,9 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     write_metrics(out_dir, finite, {"ckpt": str(cfg.ckpt), "weights": str(resolved.path), **protocol_info,
                                     **run_info})
     rows = write_top_queries(out_dir, captions, i2t, t2i, relevant)
+    if report_enabled(cfg):
+        write_retrieval_report(out_dir, cfg, rows=rows, metrics=finite, img_ids=captions.img_ids, resolved=resolved,
+                               source=source, name=name)
     if captions.num_images * captions.num_captions <= int(r.save_scores_max):
         np.save(out_dir / "scores.npy", scores.numpy())
         if candidates is not None:
@@ -414,7 +418,8 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
         logger.save()
     _log_wandb(loggers, metrics, rows, int(r.worst_queries))
     say(f"Retrieval metrics (fractions; RSUM = sum of the six R@K, max 6):\n{metrics_table(metrics)}")
-    say(f"Metrics: {out_dir / 'metrics.json'}\nTop-{TOP_N} per query: {out_dir / 'top10.json'}")
+    say(f"Metrics: {out_dir / 'metrics.json'}\nTop-{TOP_N} per query: {out_dir / 'top10.json'}"
+        + (f"\nReport: {out_dir / REPORT_NAME}" if report_enabled(cfg) else ""))
     return {"out_dir": out_dir, "metrics": metrics, "scores": scores, "complete": True, **run_info}
 
 
