@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model_throughput import DOCUMENTED_SIZE, build_models, contenders, make_inputs, peak_matmuls
+from model_throughput import DOCUMENTED_SIZE, build_models, contenders, make_inputs, native_bf16, peak_matmuls
 
 from lxmert_pl.model import LxmertMatchingModel, LxrtConfig, get_preset
 from lxmert_pl.retrieval import Retriever, cross_outputs, encode_set
@@ -214,6 +214,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not native_bf16(args.device):
+        print(f"bf16: NOT MEASURED - this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul: "
+              f"it emulates bf16 far slower than fp32, so neither speed nor agreement would say anything useful")
+        return 0
 
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch} pairs x {args.tokens} "
           f"tokens x {args.boxes} boxes, {args.repeats} alternating rounds; load average {os.getloadavg()[0]:.1f}",

@@ -9,7 +9,8 @@ get P(match), cast with `.to(torch.bfloat16)` for bf16. `LxmertForPreTraining` (
 QA heads that matching does not need) is printed as a labelled extra line only. lxmert_pl runs its scoring path
 (`forward_pairs`): "P(match)" computes only what the matching head reads (the last cross layer's [CLS] row, no
 vision stream there), "P(match)+cosine" what eval.py computes, "every output" the full model (`scores=None`).
-bf16 keeps lxmert_pl's LayerNorms in fp32 (as `Scorer(precision="bf16")`); transformers' run in bf16.
+bf16 keeps lxmert_pl's LayerNorms in fp32 (as `Scorer(precision="bf16")`); transformers' run in bf16. bf16 is
+skipped (and said so) on a CPU without native bf16 matmuls (`native_bf16`).
 
 Every contender and the matmul peak run once per round, in turn (the machine is shared and noisy); the headline
 is the MEDIAN OF PER-ROUND RATIOS (baseline time / lxmert_pl time of the same round), with the min and max. FLOPs
@@ -100,11 +101,17 @@ def contenders(hf, ours, x: dict, precisions: list[str], device: str, compile_ou
     return out
 
 
+def native_bf16(device: str) -> bool:
+    """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX-512 bf16 / AMX); without it the CPU
+    emulates them ~100x slower than fp32 and a bf16 timing says nothing about the code."""
+    return device.startswith("cuda") or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def peak_matmuls(device: str, precisions: list[str], batch: int, boxes: int) -> dict:
     """The shapes the peak is measured on: the model's largest matmul (batch x boxes rows, 768 -> 3072) and a large
-    square one (4096 on CPU, 8192 on CUDA), per precision."""
+    square one (2048 on CPU, 8192 on CUDA), per precision."""
     out = {}
-    side = 8192 if device.startswith("cuda") else 4096
+    side = 8192 if device.startswith("cuda") else 2048
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         for m, k, n in ((batch * boxes, 768, 3072), (side, side, side)):
@@ -132,6 +139,12 @@ def main() -> int:
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
+    if "bf16" in args.precision and not native_bf16(device):
+        args.precision.remove("bf16")
+        print(f"bf16: NOT MEASURED - this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul "
+              f"(oneDNN bf16 unsupported): it emulates bf16 far slower than fp32")
+        if not args.precision:
+            return 0
     hf, ours = build_models(device)
     x = {k: v.to(device) for k, v in make_inputs(args.batch, args.tokens, args.boxes).items()}
     with torch.inference_mode():  # same weights, same numbers

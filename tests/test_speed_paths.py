@@ -121,6 +121,22 @@ def test_fused_qkv_path_equals_separate_projections(model, monkeypatch):
     assert float((changed.pooled_output - reference.pooled_output).abs().max()) > 1e-3
 
 
+def test_attention_probs_are_what_the_batched_cross_attention_uses(model):
+    """The explain hook (`attention_probs`) weights the values exactly as the batched two-way cross attention does."""
+    batch = _batch()
+    with torch.no_grad():
+        text = model.bert.encode_text(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        image = model.bert.encode_image(batch["features"], batch["boxes"], batch["box_mask"])
+        block = model.bert.encoder.x_layers[-1].visual_attention
+        lang_att, _ = block.both_ways(text.hidden, text.bias, image.hidden, image.bias)
+        att = block.att
+        probs = att.attention_probs(text.hidden, image.hidden, image.bias)
+        values = att._heads(att.value(image.hidden))
+        by_hand = block.output(att._merge(probs @ values), text.hidden)
+    _close(lang_att, by_hand)
+    _close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+
+
 def test_bf16_layernorm_without_casts_equals_fp32_computation():
     norm = lxrt.LayerNorm(32, eps=1e-12)
     with torch.no_grad():
@@ -129,8 +145,9 @@ def test_bf16_layernorm_without_casts_equals_fp32_computation():
     norm = norm.to(torch.bfloat16)
     assert norm.weight.dtype == torch.float32
     x = (torch.randn(4, 7, 32) * 3 + 1).to(torch.bfloat16)
-    want = F.layer_norm(x.float(), (32,), norm.weight, norm.bias, 1e-12).to(torch.bfloat16)
-    got = norm(x)
+    with torch.no_grad():
+        want = F.layer_norm(x.float(), (32,), norm.weight, norm.bias, 1e-12).to(torch.bfloat16)
+        got = norm(x)
     assert got.dtype == torch.bfloat16
     assert float((got.float() - want.float()).abs().max()) <= 2 ** -7 * float(want.float().abs().max())
 
