@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -131,6 +132,7 @@ def main() -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--save-times", default=None, help="also write every round's seconds to this JSON file")
     parser.add_argument("--compile", action="store_true", help="lxmert_pl with model.compile (torch.compile layers)")
     args = parser.parse_args()
     if args.threads:
@@ -183,6 +185,9 @@ def main() -> int:
                 sync()
                 times[name].append(time.perf_counter() - start)
     end_load = os.getloadavg()
+    if args.save_times:
+        with open(args.save_times, "w", encoding="utf-8") as f:
+            json.dump({"times": times, "first_call": first_call, "flops": flops, "load": [start_load, end_load]}, f)
 
     print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, threads "
           f"{torch.get_num_threads()}, batch {args.batch} pairs x {args.tokens} tokens x {args.boxes} boxes, "
@@ -193,7 +198,7 @@ def main() -> int:
             f"{n.split('lxmert_pl ')[1]} {first_call[n]:.1f} s" for n in runs if n.startswith("lxmert_pl")))
     peak = {p: max(f / statistics.median(times[n]) for n, (pp, f, _) in peaks.items() if pp == p)
             for p in args.precision}
-    for name, (flop, _, _) in ((n, v) for n, v in peaks.items()):
+    for name, (_, flop, _) in peaks.items():
         print(f"{name:52s} {flop / statistics.median(times[name]) / 1e12:8.3f} TFLOP/s")
     ok = logit_diff <= TARGET_LOGIT_DIFF
     documented = (args.batch, args.tokens, args.boxes) == DOCUMENTED_SIZE
