@@ -1,14 +1,16 @@
-"""bf16 inference at the lxr955 size: pairs/s against transformers' LXMERT in fp32, agreement with fp32, and the
-fraction of this machine's bf16 matmul peak.
+"""bf16 inference at the lxr955 size: pairs/s against transformers' LXMERT in bf16 (the same precision), agreement
+with fp32, and the share of this machine's measured bf16 matmul peak.
 
     python bench/bf16_speed.py [--device cpu|cuda] [--threads N] [--batch 32] [--tokens 20] [--boxes 36]
                                [--repeats 5] [--parity-images 32] [--parity-captions 16] [--calibration-size 16]
 
-Speed: lxmert_pl cast once to bf16 (`Scorer(precision="bf16")` does the same `model.to(torch.bfloat16)`) against
-transformers' `LxmertForPreTraining` in fp32 on the same weights and the same batch (32 pairs x 20 tokens x 36
-boxes by default); also our fp32 and transformers' backbone + matching head alone (no LM / object heads). All of
-them, and a large bf16 `torch.matmul` (the peak), run alternately in one loop so they share the machine's noise;
-medians are reported. The model's FLOPs are counted analytically (matmuls only; see `lxrt_flops`).
+Speed: lxmert_pl cast once to bf16 (`Scorer(precision="bf16")` does the same `model.to(torch.bfloat16)`, LayerNorms
+kept in fp32) against transformers' `LxmertModel` + matching head cast with `.to(torch.bfloat16)`, on the same
+weights and the same batch (32 pairs x 20 tokens x 36 boxes by default); the contenders of `model_throughput.py`
+(bf16 only; `LxmertForPreTraining` as a labelled extra line) and bf16 matmuls of the model's largest shape and a
+large square one (the peak: the best of them) run in turn, round after round. The ratio is the median of per-round
+ratios. bf16 against transformers in fp32 is a precision gain any transformers user gets with one cast: it is not
+reported as a speed-up. The model's FLOPs are counted analytically (matmuls only; see `lxrt_flops`).
 
 Agreement: a parity set of images x captions (>= 512 pairs) scored by the factorized grid in fp32 and in bf16.
 Random weights at the default init give P(match) ~ 0.5 for every pair, so the parity model is made as follows
@@ -25,7 +27,8 @@ Random weights at the default init give P(match) ~ 0.5 for every pair, so the pa
   puts the densest part of the score distribution at the decision boundary: a worst case for flips, unlike a
   trained head whose scores are bimodal.
 
-Targets: bf16 pairs/s >= 2.5x transformers fp32 (same batch); decisions agree on >= 99.5% of pairs; |dP| <= 0.02.
+Targets: bf16 pairs/s >= 1.3x transformers bf16 (same batch); decisions agree on >= 99.5% of pairs; |dP| <= 0.02.
+Exit status 1 when a target is not met at the documented size (batch 32 x 20 tokens x 36 boxes), else 0.
 
 On a shared CPU pass `--threads 1`: when other processes keep the cores busy, every multi-threaded op waits for a
 descheduled worker thread, which costs the many short bf16 ops far more than the slower fp32 ones (on a 2-core
@@ -37,20 +40,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 
-from model_throughput import build_models, make_inputs
+from model_throughput import DOCUMENTED_SIZE, build_models, contenders, make_inputs, native_bf16, peak_matmuls
 
 from lxmert_pl.model import LxmertMatchingModel, LxrtConfig, get_preset
 from lxmert_pl.retrieval import Retriever, cross_outputs, encode_set
 from lxmert_pl.tokenizer import LxmertTokenizer
 
-TARGET_RATIO = 2.5
+TARGET_RATIO = 1.3  # against transformers in bf16 (the same precision)
 TARGET_AGREEMENT = 0.995
 TARGET_PROB_DIFF = 0.02
 
@@ -176,38 +181,26 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def speed(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per call of each contender (and of the peak matmul), measured alternately."""
+def speed(args: argparse.Namespace) -> dict:
+    """Per-round seconds of each contender (bf16, `model_throughput.contenders`) and of the peak matmuls."""
     hf, ours = build_models(args.device)
-    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # cast once, as Scorer(precision="bf16") does
     x = {k: v.to(args.device) for k, v in make_inputs(args.batch, args.tokens, args.boxes).items()}
-    cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    n = args.matmul_size or (8192 if cuda else 4096)
-    a = torch.randn(n, n, device=args.device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=args.device, dtype=torch.bfloat16)
-    hf_kwargs = dict(input_ids=x["input_ids"], attention_mask=x["attention_mask"], visual_feats=x["features"],
-                     visual_pos=x["boxes"])
-    contenders = {
-        "transformers fp32": lambda: hf(**hf_kwargs),
-        "transformers fp32 backbone+matching": lambda: hf.cls.seq_relationship(hf.lxmert(**hf_kwargs).pooled_output),
-        "lxmert_pl fp32": lambda: ours(x["input_ids"], x["attention_mask"], x["features"], x["boxes"]),
-        "lxmert_pl bf16": lambda: ours_bf16(x["input_ids"], x["attention_mask"], x["features"], x["boxes"]),
-        "peak matmul": lambda: torch.matmul(a, b),
-    }
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    runs = {name: fn for name, (_, fn) in contenders(hf, ours, x, ["bf16"], args.device, False).items()}
+    peaks = peak_matmuls(args.device, ["bf16"], args.batch, args.boxes)
+    runs.update({name: fn for name, (_, _, fn) in peaks.items()})
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for fn in contenders.values():  # warm-up
+        for fn in runs.values():  # warm-up
             timed(fn, sync)
         for _ in range(args.repeats):
-            for name, fn in contenders.items():
+            for name, fn in runs.items():
                 times[name].append(timed(fn, sync))
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    medians["peak matmul FLOP/s"] = 2 * n**3 / medians.pop("peak matmul")
-    return medians
+    peak = max(flop / statistics.median(times[name]) for name, (_, flop, _) in peaks.items())
+    return {"times": times, "peak": peak}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -215,31 +208,39 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--boxes", type=int, default=36)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--matmul-size", type=int, default=None, help="peak matmul side (4096 CPU, 8192 GPU)")
     parser.add_argument("--parity-images", type=int, default=32)
     parser.add_argument("--parity-captions", type=int, default=16)
     parser.add_argument("--calibration-size", type=int, default=16, help="head calibration grid: S images x S captions")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not native_bf16(args.device):
+        print(f"bf16: NOT MEASURED - this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul: "
+              f"it emulates bf16 far slower than fp32, so neither speed nor agreement would say anything useful")
+        return 0
 
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch} pairs x {args.tokens} "
-          f"tokens x {args.boxes} boxes, {args.repeats} alternating repeats (median)", flush=True)
-    medians = speed(args)
-    peak = medians.pop("peak matmul FLOP/s")
+          f"tokens x {args.boxes} boxes, {args.repeats} alternating rounds; load average {os.getloadavg()[0]:.1f}",
+          flush=True)
+    measured = speed(args)
+    times, peak = measured["times"], measured["peak"]
     flops = lxrt_flops(get_preset("lxr955"), args.tokens, args.boxes)
-    rates = {name: args.batch / seconds for name, seconds in medians.items()}
-    for name, rate in rates.items():
-        print(f"{name:40s} {rate:8.1f} pairs/s")
-    bf16 = rates["lxmert_pl bf16"]
-    ratio = bf16 / rates["transformers fp32"]
-    print(f"ratio bf16 / transformers fp32 (LxmertForPreTraining): {ratio:.2f}x  (target >= {TARGET_RATIO})")
-    backbone_ratio = bf16 / rates["transformers fp32 backbone+matching"]
-    print(f"ratio bf16 / transformers fp32 backbone + matching head: {backbone_ratio:.2f}x")
-    print(f"ratio bf16 / lxmert_pl fp32: {bf16 / rates['lxmert_pl fp32']:.2f}x")
-    achieved = flops * bf16
-    print(f"model: {flops / 1e9:.2f} GFLOP per pair (matmuls); bf16 reaches {achieved / 1e12:.3f} TFLOP/s = "
-          f"{100 * achieved / peak:.1f}% of the measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s", flush=True)
+    base = "transformers LxmertModel+matching bf16"
+    ratio = 0.0
+    for name, seconds in times.items():
+        if name.startswith("peak"):
+            continue
+        rounds = sorted(b / t for b, t in zip(times[base], seconds))
+        print(f"{name:52s} {args.batch / statistics.median(seconds):8.1f} pairs/s  ratio to the baseline "
+              f"{statistics.median(rounds):.2f}x (rounds {rounds[0]:.2f}-{rounds[-1]:.2f})")
+        if name == "lxmert_pl P(match)+cosine bf16":
+            ratio = statistics.median(rounds)
+            achieved = flops * args.batch / statistics.median(seconds)
+    print(f"ratio lxmert_pl bf16 (P(match)+cosine) / transformers LxmertModel+matching bf16: {ratio:.2f}x "
+          f"(median of per-round ratios, target >= {TARGET_RATIO})")
+    print(f"model: {flops / 1e9:.2f} GFLOP per pair (whole model, matmuls); lxmert_pl bf16 reaches "
+          f"{achieved / 1e12:.3f} TFLOP/s = {100 * achieved / peak:.1f}% of the best bf16 matmul measured in the run "
+          f"({peak / 1e12:.3f} TFLOP/s, model-shaped and square matmuls)", flush=True)
 
     result = parity(args)
     print(f"parity set: {result['pairs']:.0f} pairs (lxr955, weights and head as in the docstring), "
@@ -251,8 +252,13 @@ def main() -> None:
           f"flipped pairs lie within |logit difference| {result['flipped_max_abs_logit']:.4f} of the boundary")
     ok = (ratio >= TARGET_RATIO and result["agreement"] >= TARGET_AGREEMENT
           and result["max_prob_diff"] <= TARGET_PROB_DIFF)
+    documented = (args.batch, args.tokens, args.boxes) == DOCUMENTED_SIZE
+    if not documented:
+        print(f"targets are checked at the documented size {DOCUMENTED_SIZE} only: exit 0")
+        return 0
     print("targets met" if ok else "TARGETS NOT MET")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

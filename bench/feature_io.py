@@ -17,7 +17,11 @@ every run the files it reads are read once into the page cache, for all strategi
 work, not the disk. Usage:
 
     python bench/feature_io.py                       # full size (needs ~3 GB of temporary disk space)
-    python bench/feature_io.py --images 40 --dim 64  # smoke test
+    python bench/feature_io.py --images 40 --dim 64  # smoke test (targets not checked: exit 0)
+    python bench/feature_io.py --threads 2           # every measured process with 2 CPU threads
+
+Exit status: 1 when the strategies decode different data (any size) or a target is not met at the documented size
+(2,000 images x 36 boxes x 2048 dims, the default); 0 otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIELDNAMES = ["img_id", "img_h", "img_w", "objects_id", "objects_conf",
               "attrs_id", "attrs_conf", "num_boxes", "boxes", "features"]  # fmt: skip
 PAIR_IMAGES = 8
+DOCUMENTED_SIZE = (2000, 36, 2048)  # images, boxes, dims: where the targets hold (bench/README.md)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -453,6 +458,12 @@ def _benchmark_in(workdir: Path, args: argparse.Namespace) -> int:
         ),
     ]
     print("\nchecks:\n" + "\n".join(checks))
+    if not all("[PASS]" in line for line in checks[:1]):
+        return 1  # a correctness check fails at any size
+    if (args.images, args.boxes, args.dim) != DOCUMENTED_SIZE:
+        print(f"speed and memory targets are checked at the documented size {DOCUMENTED_SIZE} only "
+              f"(--images --boxes --dim): exit 0")
+        return 0
     return 0 if all("[PASS]" in line for line in checks) else 1
 
 
@@ -462,6 +473,8 @@ def main() -> int:
     parser.add_argument("--boxes", type=int, default=36)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of every measured process (OMP_NUM_THREADS; default: the library's)")
     parser.add_argument("--workdir", help="parent of the temporary directory (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--child", nargs="+", metavar=("MODE", "ARG"), help=argparse.SUPPRESS)
@@ -471,6 +484,9 @@ def main() -> int:
         return 0
     if args.images < PAIR_IMAGES:
         parser.error(f"--images must be at least {PAIR_IMAGES}")
+    if args.threads:  # the children (every measurement) inherit it; torch reads it at import
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+        print(f"threads: {args.threads} per measured process")
     return run_benchmark(args)
 
 

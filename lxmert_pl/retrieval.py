@@ -34,7 +34,8 @@ from lxmert_pl.errors import UserInputError
 from lxmert_pl.metrics import grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel, MatchingOutput
 from lxmert_pl.model.lxrt import EncodedImage, EncodedText, attention_bias
-from lxmert_pl.scoring import SCORE_MODES, check_feature_width, forward_pairs, pad_boxes, precision_dtype
+from lxmert_pl.scoring import (SCORE_MODES, check_feature_width, forward_pairs, pad_boxes, precision_dtype,
+                               trim_padding)
 from lxmert_pl.tokenizer import LxmertTokenizer
 
 DEFAULT_BATCH_SIZE = 64
@@ -50,7 +51,8 @@ class EncodingCache:
 
     Captions (from `sentences`) are encoded on first use, `batch_size` at a time; images are added with
     `add_images`. `text(index)` / `image(index)` return row-aligned batches for the cross layers, images padded to
-    the largest box count of the batch and masked. Memory: (M·L + N·B)·H values for everything encoded so far.
+    the largest box count of the batch and masked, captions (stored without their padding) to the longest.
+    Memory: (M·L + N·B)·H values for everything encoded so far.
     `captions_encoded` / `images_encoded` count the encoder passes (each item once).
     """
 
@@ -60,7 +62,7 @@ class EncodingCache:
         self.tokenizer = tokenizer
         self.sentences = sentences
         self.batch_size = batch_size
-        self._text: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> (hidden [L, H], mask [L])
+        self._text: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> (hidden [l, H], mask [l]), real
         self._image: dict[int, torch.Tensor] = {}  # image -> hidden [n_i, H] (real boxes only)
         self.captions_encoded = 0
         self.images_encoded = 0
@@ -73,10 +75,12 @@ class EncodingCache:
         missing = sorted({int(j) for j in index} - self._text.keys())
         for start in range(0, len(missing), self.batch_size):
             part = missing[start : start + self.batch_size]
-            tokens = {k: v.to(self.device) for k, v in self.tokenizer([self.sentences[j] for j in part]).items()}
+            tokens = trim_padding({k: v.to(self.device)
+                                   for k, v in self.tokenizer([self.sentences[j] for j in part]).items()})
             text = self.model.bert.encode_text(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"])
-            for row, j in enumerate(part):
-                self._text[j] = (text.hidden[row], tokens["attention_mask"][row])
+            for row, j in enumerate(part):  # the tokenizer's real tokens come first: keep only those
+                length = int(tokens["attention_mask"][row].sum())
+                self._text[j] = (text.hidden[row, :length], tokens["attention_mask"][row, :length])
             self.captions_encoded += len(part)
 
     def add_images(self, index: Sequence[int], features: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> None:
@@ -97,8 +101,10 @@ class EncodingCache:
     def text(self, index: torch.Tensor) -> EncodedText:
         self.add_captions(index.tolist())
         rows = [self._text[j] for j in index.tolist()]
-        hidden = torch.stack([h for h, _ in rows])
-        return EncodedText(hidden, attention_bias(torch.stack([m for _, m in rows]), hidden.dtype))
+        length = max(len(h) for h, _ in rows)
+        hidden = torch.stack([F.pad(h, (0, 0, 0, length - len(h))) for h, _ in rows])
+        mask = torch.stack([F.pad(m, (0, length - len(m))) for _, m in rows])
+        return EncodedText(hidden, attention_bias(mask, hidden.dtype))
 
     def image(self, index: torch.Tensor) -> EncodedImage:
         rows = [self._image[i] for i in index.tolist()]
@@ -129,6 +135,14 @@ def check_mode(model: LxmertMatchingModel, mode: str) -> None:
                              "cosine) or a pretraining checkpoint")
 
 
+def check_sets(sentences: Sequence[str], features: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> None:
+    if len(features) != len(boxes):
+        raise UserInputError(f"got {len(features)} feature arrays but {len(boxes)} box arrays")
+    if not len(sentences) or not len(features):
+        raise UserInputError(f"retrieval needs at least one caption and one image, got {len(sentences)} and "
+                             f"{len(features)}")
+
+
 def check_k(k: int | None) -> None:
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise UserInputError(f"k must be an integer >= 1 (or None for the full grid), got {k!r}")
@@ -140,12 +154,14 @@ def cross_outputs(
     image_index: torch.Tensor,
     caption_index: torch.Tensor,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    scores: tuple[str, ...] | None = None,
 ) -> Iterator[MatchingOutput]:
-    """Cross layers + heads for pairs (image_index[p], caption_index[p]), `batch_size` pairs per yielded output."""
+    """Cross layers + heads for pairs (image_index[p], caption_index[p]), `batch_size` pairs per yielded output;
+    `scores`: only what these scores need (see `LxmertMatchingModel.forward`), None: every output."""
     for start in range(0, len(image_index), batch_size):
         images = image_index[start : start + batch_size]
         captions = caption_index[start : start + batch_size]
-        yield model.score_cross(encoded.text(captions), encoded.image(images))
+        yield model.score_cross(encoded.text(captions), encoded.image(images), scores)
 
 
 def pick_score(out: MatchingOutput, mode: str) -> torch.Tensor:
@@ -162,7 +178,8 @@ def cross_scores(
     mode: str = "itm",
 ) -> torch.Tensor:
     """Scores [P] (float32, CPU) of pairs (image_index[p], caption_index[p]) from cached encodings."""
-    scores = [pick_score(out, mode) for out in cross_outputs(model, encoded, image_index, caption_index, batch_size)]
+    outputs = cross_outputs(model, encoded, image_index, caption_index, batch_size, scores=(mode,))
+    scores = [pick_score(out, mode) for out in outputs]
     return torch.cat(scores) if scores else torch.empty(0)
 
 
@@ -311,11 +328,7 @@ class Retriever:
     def encode(self, sentences: Sequence[str], features: Sequence[np.ndarray],
                boxes: Sequence[np.ndarray]) -> EncodingCache:
         """Every caption and image through its single-modality layers, once."""
-        if len(features) != len(boxes):
-            raise UserInputError(f"got {len(features)} feature arrays but {len(boxes)} box arrays")
-        if not len(sentences) or not len(features):
-            raise UserInputError(f"retrieval needs at least one caption and one image, got {len(sentences)} and "
-                                 f"{len(features)}")
+        check_sets(sentences, features, boxes)
         return encode_set(self.model, self.tokenizer, sentences, features, boxes, self.batch_size)
 
     @torch.inference_mode()
@@ -342,7 +355,7 @@ class Retriever:
             feats, box, mask = pad_boxes([features[i] for i in images], [boxes[i] for i in images])
             check_feature_width(self.model, feats, f"image #{images[0]}")
             batch.update(features=feats.to(device), boxes=box.to(device), box_mask=mask.to(device))
-            scores.append(pick_score(forward_pairs(self.model, batch), self.mode))
+            scores.append(pick_score(forward_pairs(self.model, batch, scores=(self.mode,)), self.mode))
         return torch.cat(scores) if scores else torch.empty(0)
 
     @torch.inference_mode()
@@ -368,7 +381,9 @@ class Retriever:
                k: int | None) -> RetrievalResult:
         """Full grid (`k` None) or first stage + top-k re-ranking, block by block (`plan_blocks`); no metrics."""
         check_k(k)
-        cache = self.encode(sentences, features, boxes)
+        check_sets(sentences, features, boxes)
+        # The pairwise full grid needs no encodings: it runs the whole model per pair (`_pairwise`).
+        cache = self.encode(sentences, features, boxes) if self.factorize or k is not None else None
         first = first_stage_matrix(cache, len(features), len(sentences)) if k is not None else None
         candidates = Candidates.from_first_stage(first, k) if first is not None else None
         parts = []

@@ -64,20 +64,51 @@ def _first_positions(keys: Sequence) -> list[int]:
     return list(seen.values())
 
 
-def forward_pairs(model: LxmertMatchingModel, batch: dict) -> MatchingOutput:
-    """Whole model per pair. `batch` holds input_ids, attention_mask, token_type_ids, features, boxes, box_mask."""
+def _kept_columns(mask: torch.Tensor | None) -> int | None:
+    """1 + the last column of a [B, L] mask that is real (1) in some row; None when no column can go."""
+    if mask is None or mask.shape[1] <= 1:
+        return None
+    real = mask.bool().any(dim=0).nonzero()
+    keep = int(real.max()) + 1 if len(real) else 1
+    return keep if keep < mask.shape[1] else None
+
+
+def trim_padding(batch: dict) -> dict:
+    """The batch without the token columns and box slots that are padding in EVERY row (tokenizers pad every
+    sentence to max_seq_length; batches pad to the largest box count). Exact: a masked key gets a -10000 bias,
+    whose softmax weight exp(-10000 - max) is 0.0 in float32, so real positions see the same sums; only
+    `lang_output` / `visn_output` lose their all-padding positions."""
+    out = dict(batch)
+    tokens = _kept_columns(batch.get("attention_mask"))
+    if tokens is not None:
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if out.get(key) is not None:
+                out[key] = out[key][:, :tokens]
+    boxes = _kept_columns(batch.get("box_mask"))
+    if boxes is not None:
+        for key in ("features", "boxes", "box_mask"):
+            out[key] = out[key][:, :boxes]
+    return out
+
+
+def forward_pairs(model: LxmertMatchingModel, batch: dict, scores: tuple[str, ...] | None = None) -> MatchingOutput:
+    """Whole model per pair. `batch` holds input_ids, attention_mask, token_type_ids, features, boxes, box_mask.
+    All-padding columns are trimmed first (`trim_padding`); `scores`: see `LxmertMatchingModel.forward`."""
+    batch = trim_padding(batch)
     return model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["boxes"],
-                 batch.get("box_mask"), batch.get("token_type_ids"))
+                 batch.get("box_mask"), batch.get("token_type_ids"), scores=scores)
 
 
 def forward_factorized(
-    model: LxmertMatchingModel, batch: dict, text_keys: Sequence, image_keys: Sequence
+    model: LxmertMatchingModel, batch: dict, text_keys: Sequence, image_keys: Sequence,
+    scores: tuple[str, ...] | None = None,
 ) -> MatchingOutput:
     """Single-modality encoders once per distinct text / image key, cross layers per pair.
 
     `text_keys[i]` / `image_keys[i]` identify pair i's sentence and image (e.g. token-id tuples and img_ids);
-    rows with equal keys must carry equal inputs.
+    rows with equal keys must carry equal inputs. All-padding columns are trimmed first (`trim_padding`).
     """
+    batch = trim_padding(batch)
     text_rows = _first_positions(text_keys)
     image_rows = _first_positions(image_keys)
     text_index = _inverse(text_keys)
@@ -94,7 +125,7 @@ def forward_factorized(
         None if image.bias is None else image.bias[image_index],
         None if image.mask is None else image.mask[image_index],
     )
-    return model.score_cross(pair_text, pair_image)
+    return model.score_cross(pair_text, pair_image, scores)
 
 
 def _inverse(keys: Sequence) -> torch.Tensor:
@@ -111,18 +142,20 @@ def batch_keys(batch: dict) -> tuple[list, list]:
     return text_keys, image_keys
 
 
-def forward_batch(model: LxmertMatchingModel, batch: dict, factorize: str = "auto") -> MatchingOutput:
-    """Pairwise or factorized forward. `factorize`: "auto" (when a sentence or image repeats), "always", "never"."""
+def forward_batch(model: LxmertMatchingModel, batch: dict, factorize: str = "auto",
+                  scores: tuple[str, ...] | None = None) -> MatchingOutput:
+    """Pairwise or factorized forward. `factorize`: "auto" (when a sentence or image repeats), "always", "never";
+    `scores`: see `LxmertMatchingModel.forward`."""
     if factorize not in ("auto", "always", "never"):
         raise UserInputError(f"factorize must be auto|always|never, got {factorize!r}")
     check_feature_width(model, batch["features"], batch["img_id"][0] if batch.get("img_id") else "?")
     if factorize == "never":
-        return forward_pairs(model, batch)
+        return forward_pairs(model, batch, scores)
     text_keys, image_keys = batch_keys(batch)
     repeats = len(set(text_keys)) < len(text_keys) or len(set(image_keys)) < len(image_keys)
     if factorize == "always" or repeats:
-        return forward_factorized(model, batch, text_keys, image_keys)
-    return forward_pairs(model, batch)
+        return forward_factorized(model, batch, text_keys, image_keys, scores)
+    return forward_pairs(model, batch, scores)
 
 
 def check_feature_width(model: LxmertMatchingModel, features: torch.Tensor | np.ndarray, img_id: str = "?") -> None:
@@ -207,7 +240,7 @@ class Scorer:
             batch = {k: v[part].to(self.device) for k, v in tokens.items()}
             batch.update(features=features[part].to(self.device), boxes=boxes[part].to(self.device))
             batch["box_mask"] = None if box_mask is None else box_mask[part].to(self.device)
-            out = forward_pairs(self.model, batch)
+            out = forward_pairs(self.model, batch, scores=SCORE_MODES)
             cosines.append(out.cosine.float().cpu())
             if out.match_logits is not None:
                 logits.append(out.match_logits.float().cpu())
@@ -255,4 +288,4 @@ class Scorer:
 
 
 __all__ = ["Scorer", "ScoreResult", "forward_batch", "forward_pairs", "forward_factorized", "pad_boxes",
-           "SCORE_MODES", "PRECISIONS", "precision_dtype"]
+           "SCORE_MODES", "PRECISIONS", "precision_dtype", "trim_padding"]

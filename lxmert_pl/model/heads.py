@@ -25,6 +25,19 @@ from lxmert_pl.model.config import LxrtConfig
 from lxmert_pl.model.lxrt import EncodedImage, EncodedText, LayerNorm, LxrtModel, LxrtOutput
 
 HEAD_NAMES = ("matching", "lm", "obj", "qa")
+SCORE_NAMES = ("itm", "cosine")
+
+
+def pruning_for(scores: tuple[str, ...] | None) -> tuple[bool, bool]:
+    """(cls_only, need_visn) for `LxrtModel.cross` when only these scores are read: None = every output (full
+    `lang_output` / `visn_output`); any score needs only [CLS] of the last layer's language stream; the vision
+    stream of the last layer only for "cosine"."""
+    if scores is None:
+        return False, True
+    unknown = set(scores) - set(SCORE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown scores {sorted(unknown)}; valid: {SCORE_NAMES}")
+    return True, "cosine" in scores
 
 
 class HeadTransform(nn.Module):
@@ -101,7 +114,7 @@ class MatchingOutput:
     pooled_output: torch.Tensor
     match_logits: torch.Tensor | None  # [B, 2]; index 1 = matched. None without a matching head.
     match_prob: torch.Tensor | None  # [B] = softmax(match_logits)[:, 1]
-    cosine: torch.Tensor  # [B] max over real boxes of cos(visn_output, pooled_output)
+    cosine: torch.Tensor | None  # [B] max over real boxes of cos(visn_output, pooled_output); None: not asked
 
 
 def cosine_max_score(visn_output: torch.Tensor, pooled: torch.Tensor, box_mask: torch.Tensor | None) -> torch.Tensor:
@@ -192,19 +205,24 @@ class LxmertMatchingModel(nn.Module):
             pooled_output=out.pooled_output,
             match_logits=logits,
             match_prob=prob,
-            cosine=cosine_max_score(out.visn_output.float(), out.pooled_output.float(), box_mask),
+            cosine=None if out.visn_output is None else cosine_max_score(out.visn_output.float(),
+                                                                         out.pooled_output.float(), box_mask),
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, features: torch.Tensor,
                 boxes: torch.Tensor, box_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> MatchingOutput:
-        """The encoder (`LxrtModel.forward`, same inputs), then the heads."""
-        out = self.bert(input_ids, attention_mask, features, boxes, box_mask, token_type_ids)
+                token_type_ids: torch.Tensor | None = None, scores: tuple[str, ...] | None = None) -> MatchingOutput:
+        """The encoder (`LxrtModel.forward`, same inputs), then the heads. `scores`: None computes every output;
+        ("itm",), ("cosine",) or both skip what only unread outputs of the last cross layer need (`pruning_for`):
+        then `lang_output` is [CLS] only and, without "cosine", `visn_output` and `cosine` are None."""
+        out = self.bert(input_ids, attention_mask, features, boxes, box_mask, token_type_ids, *pruning_for(scores))
         return self.heads_from(out, box_mask)
 
-    def score_cross(self, text: EncodedText, image: EncodedImage) -> MatchingOutput:
-        """Cross layers + heads on already encoded, row-aligned text and image (factorized scoring)."""
-        return self.heads_from(self.bert.cross(text, image), image.mask)
+    def score_cross(self, text: EncodedText, image: EncodedImage,
+                    scores: tuple[str, ...] | None = None) -> MatchingOutput:
+        """Cross layers + heads on already encoded, row-aligned text and image (factorized scoring); `scores` as
+        in `forward`."""
+        return self.heads_from(self.bert.cross(text, image, *pruning_for(scores)), image.mask)
 
     def lm_logits(self, lang_output: torch.Tensor) -> torch.Tensor:
         if self.cls.predictions is None:

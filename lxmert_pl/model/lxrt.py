@@ -41,6 +41,10 @@ class LayerNorm(nn.LayerNorm):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if x.device.type == "cpu":  # the CPU kernel takes bf16/fp16 input with fp32 gains, computes in fp32
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
@@ -49,6 +53,29 @@ def attention_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     if mask is None:
         return None
     return ((1.0 - mask[:, None, None, :].to(dtype)) * MASK_BIAS).to(dtype)
+
+
+def use_fused_qkv(x: torch.Tensor) -> bool:
+    """Whether Q, K and V come from one stacked matmul for input `x` (see `fused_qkv_weights`)."""
+    return x.device.type == "cuda" and not torch.compiler.is_compiling()
+
+
+def fused_qkv_weights(att: "MultiHeadAttention", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`att`'s query, key and value weights [3H, D] and biases [3H] stacked for ONE projection matmul, or None for
+    three. Only on CUDA, outside `torch.compile`: there one kernel launch replaces three. On CPU one matmul was
+    no faster (1.5% on the FFN-sized matmul, less than stacking the weights costs), so CPU keeps three. The stack
+    is cached until a weight changes (pointer or in-place version); with autograd it is rebuilt every call."""
+    if not use_fused_qkv(x):
+        return None
+    params = (att.query.weight, att.key.weight, att.value.weight, att.query.bias, att.key.bias, att.value.bias)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return torch.cat(params[:3]), torch.cat(params[3:])
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    cached = att.__dict__.get("_fused_qkv")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+        att.__dict__["_fused_qkv"] = cached
+    return cached[1], cached[2]
 
 
 class MultiHeadAttention(nn.Module):
@@ -79,13 +106,31 @@ class MultiHeadAttention(nn.Module):
             scores = scores + bias.float()
         return scores.softmax(dim=-1)
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout_p if self.training else 0.0
-        )
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
         batch, _, length, _ = out.shape
         return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """SDPA of projected [B, Lq, H] queries over [B, Lk, H] keys/values -> [B, Lq, H] (heads merged)."""
+        out = F.scaled_dot_product_attention(
+            self._heads(q), self._heads(k), self._heads(v), attn_mask=bias,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        return self._merge(out)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.attend(self.query(hidden), self.key(context), self.value(context), bias)
+
+    def self_attention(self, x: torch.Tensor, bias: torch.Tensor | None, queries: int | None = None) -> torch.Tensor:
+        """`forward(x[:, :queries], x, bias)`; with all positions as queries, Q, K and V come from one matmul when
+        `fused_qkv` says so."""
+        if queries is not None:
+            return self.forward(x[:, :queries], x, bias)
+        fused = fused_qkv_weights(self, x)
+        if fused is None:
+            return self.forward(x, x, bias)
+        q, k, v = F.linear(x, *fused).chunk(3, dim=-1)
+        return self.attend(q, k, v, bias)
 
 
 class AddAndNorm(nn.Module):
@@ -109,8 +154,9 @@ class SelfAttentionBlock(nn.Module):
         self.self = MultiHeadAttention(config)
         self.output = AddAndNorm(config)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, x, bias), x)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, queries: int | None = None) -> torch.Tensor:
+        """`queries`: only the first `queries` positions as queries (all positions still keys and values)."""
+        return self.output(self.self.self_attention(x, bias, queries), x if queries is None else x[:, :queries])
 
 
 class CrossAttentionBlock(nn.Module):
@@ -123,6 +169,22 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None) -> torch.Tensor:
         return self.output(self.att(x, context, context_bias), x)
+
+    def both_ways(self, lang: torch.Tensor, lang_bias: torch.Tensor | None, visn: torch.Tensor,
+                  visn_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(forward(lang, visn, visn_bias), forward(visn, lang, lang_bias))` with the projections and the output
+        block run once on both streams' positions together (the two directions share these weights)."""
+        both = torch.cat([lang, visn], dim=1)
+        att, length = self.att, lang.shape[1]
+        fused = fused_qkv_weights(att, both)
+        if fused is None:
+            q, k, v = att.query(both), att.key(both), att.value(both)
+        else:
+            q, k, v = F.linear(both, *fused).chunk(3, dim=-1)
+        lang_att = att.attend(q[:, :length], k[:, length:], v[:, length:], visn_bias)
+        visn_att = att.attend(q[:, length:], k[:, :length], v[:, :length], lang_bias)
+        out = self.output(torch.cat([lang_att, visn_att], dim=1), both)
+        return out[:, :length], out[:, length:]
 
 
 class Intermediate(nn.Module):
@@ -170,12 +232,21 @@ class CrossModalityLayer(nn.Module):
         lang_bias: torch.Tensor | None,
         visn: torch.Tensor,
         visn_bias: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        lang_att = self.visual_attention(lang, visn, visn_bias)
-        visn_att = self.visual_attention(visn, lang, lang_bias)
-        lang_att = self.lang_self_att(lang_att, lang_bias)
-        visn_att = self.visn_self_att(visn_att, visn_bias)
+        cls_only: bool = False,
+        need_visn: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`cls_only`: the language stream's output only at [CLS] ([B, 1, H]; its other positions still serve as
+        keys and values); `need_visn` False: no vision output (None). Both only for a last layer whose other
+        outputs nobody reads: the [CLS] row and the vision rows that are computed equal the full layer's."""
+        if need_visn:
+            lang_att, visn_att = self.visual_attention.both_ways(lang, lang_bias, visn, visn_bias)
+        else:
+            lang_att, visn_att = self.visual_attention(lang, visn, visn_bias), None
+        lang_att = self.lang_self_att(lang_att, lang_bias, queries=1 if cls_only else None)
         lang_out = self.lang_output(self.lang_inter(lang_att), lang_att)
+        if visn_att is None:
+            return lang_out, None
+        visn_att = self.visn_self_att(visn_att, visn_bias)
         visn_out = self.visn_output(self.visn_inter(visn_att), visn_att)
         return lang_out, visn_out
 
@@ -241,8 +312,8 @@ class Pooler(nn.Module):
 
 @dataclass
 class LxrtOutput:
-    lang_output: torch.Tensor  # [B, L, H], padding positions included
-    visn_output: torch.Tensor  # [B, N, H], padded boxes included
+    lang_output: torch.Tensor  # [B, L, H], padding positions included ([B, 1, H]: [CLS] only, `cls_only`)
+    visn_output: torch.Tensor | None  # [B, N, H], padded boxes included (None: not computed, `need_visn` False)
     pooled_output: torch.Tensor  # [B, H]
 
 
@@ -295,11 +366,15 @@ class LxrtModel(nn.Module):
             x = layer(x, bias)
         return EncodedImage(x, bias, box_mask)
 
-    def cross(self, text: EncodedText, image: EncodedImage) -> LxrtOutput:
-        """Cross-modality layers and pooler for aligned rows of `text` and `image`."""
+    def cross(self, text: EncodedText, image: EncodedImage, cls_only: bool = False,
+              need_visn: bool = True) -> LxrtOutput:
+        """Cross-modality layers and pooler for aligned rows of `text` and `image`. `cls_only` / `need_visn` False
+        leave out what only the LAST layer's other outputs need (see `CrossModalityLayer.forward`): the pooled
+        output is the same."""
         lang, visn = text.hidden, image.hidden
-        for layer in self.encoder.x_layers:
-            lang, visn = layer(lang, text.bias, visn, image.bias)
+        last = len(self.encoder.x_layers) - 1
+        for i, layer in enumerate(self.encoder.x_layers):
+            lang, visn = layer(lang, text.bias, visn, image.bias, cls_only and i == last, need_visn or i < last)
         return LxrtOutput(lang, visn, self.pooler(lang))
 
     def forward(
@@ -310,7 +385,9 @@ class LxrtModel(nn.Module):
         boxes: torch.Tensor,
         box_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        cls_only: bool = False,
+        need_visn: bool = True,
     ) -> LxrtOutput:
         text = self.encode_text(input_ids, attention_mask, token_type_ids)
         image = self.encode_image(features, boxes, box_mask)
-        return self.cross(text, image)
+        return self.cross(text, image, cls_only, need_visn)

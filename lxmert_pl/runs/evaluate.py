@@ -29,6 +29,7 @@ from lxmert_pl.runs.errors import lightning_settings
 from lxmert_pl.runs.placement import choose_strategy
 from lxmert_pl.runs.module import MatchingModule
 from lxmert_pl.runs.loggers import PairsPerSecondBar, build_loggers, wandb_logger
+from lxmert_pl.model.compile import compile_layers, run_device
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.pairs.io import Pair
 from lxmert_pl.runs.outputs import (
@@ -205,6 +206,7 @@ def build_scorer(cfg: DictConfig, name: str, out_dir: Path) -> ScoringRun:
     resolved = resolve_checkpoint(str(cfg.ckpt))
     require = ("matching",) if cfg.mode == "itm" else ()
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config, require=require)
+    compile_layers(model, bool(cfg.model.compile), run_device(str(cfg.trainer.accelerator)))
     say(f"Weights: {resolved.describe()}\n  {report.summary()}")
 
     resolved_cfg = OmegaConf.to_container(cfg, resolve=True)

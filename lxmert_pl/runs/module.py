@@ -98,7 +98,7 @@ class MatchingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ scoring
     def score_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = forward_batch(self.model, batch, self.factorize)
+        out = forward_batch(self.model, batch, self.factorize, scores=SCORE_MODES)
         score = out.match_prob if self.mode == "itm" else out.cosine
         row = {"index": batch["index"], "score": score.float(), "label": batch["labels"], "cosine": out.cosine.float()}
         if out.match_logits is not None:

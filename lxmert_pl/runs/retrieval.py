@@ -47,6 +47,7 @@ from lxmert_pl.fileio import atomic_writer, write_atomically
 from lxmert_pl.fingerprint import compare, file_sha256, fingerprint
 from lxmert_pl.metrics import best_relevant_rank, grid_retrieval_metrics
 from lxmert_pl.model.heads import LxmertMatchingModel
+from lxmert_pl.model.compile import compile_layers, run_device
 from lxmert_pl.model.loading import load_lxmert
 from lxmert_pl.pairs.io import CaptionSet, read_captions
 from lxmert_pl.registry import resolve_checkpoint
@@ -402,6 +403,7 @@ def run_retrieval(cfg: DictConfig) -> dict[str, Any]:
     resolved = resolve_checkpoint(str(cfg.ckpt))
     model, report = load_lxmert(resolved.path, model_config=cfg.model_config,
                                 require=("matching",) if cfg.mode == "itm" else ())
+    compile_layers(model, bool(cfg.model.compile), run_device(str(cfg.trainer.accelerator)))
     say(f"Weights: {resolved.describe()}\n  {report.summary()}")
     loggers = build_loggers(cfg.logger, out_dir, name, OmegaConf.to_container(cfg, resolve=True))
     # One-step (--images): the processes share the detection in `setup`, each image detected once (PrefetchImages).

@@ -128,6 +128,11 @@ class Report:
 
 
 @dataclass
+class EvalModel:
+    compile: bool = key("torch.compile each LXRT layer (inductor; CUDA graphs on CUDA); the first batch compiles")
+
+
+@dataclass
 class EvalDetector(Detector):
     cache: bool = key("keep extracted features in <out>/image_features.tsv and reuse them")
 
@@ -152,6 +157,7 @@ class EvalConfig:
     out: Optional[str] = key("output folder (null: outputs/<name>)")
     card: Optional[str] = key("model card (README.md or its folder) to add this run's metrics to")
     overwrite: bool = key("delete resumable results in --out made otherwise and start afresh (else: refused)")
+    model: EvalModel = block(EvalModel)
     data: EvalData = block(EvalData)
     retrieval: Retrieval = block(Retrieval)
     benchmark: Benchmark = block(Benchmark)
