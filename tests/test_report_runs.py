@@ -124,3 +124,18 @@ def test_features_show_and_extract_show(tmp_path):
     assert extract_script.main(["--images", str(images), "--out", str(out), "--detector", "demo-frcnn",
                                 "--given-boxes", str(SAMPLE / "boxes.json"), "--show", "1"]) == 0
     assert [p.name for p in (tmp_path / "demo.tsv.show").iterdir()] == ["sample_val_000000.png"]
+
+
+def test_a_failing_report_keeps_the_results(tmp_path, monkeypatch, capsys):
+    import lxmert_pl.runs.evaluate as evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(evaluate, "write_eval_report", broken)
+    pairs, _ = _pairs(tmp_path, count=4)
+    out = tmp_path / "out"
+    assert eval_script.main(["--pairs", str(pairs), "--features", str(VAL_TSV), "--out", str(out)]) == 0
+    assert (out / "predictions.json").exists() and (out / "metrics.json").exists()
+    assert not (out / "report.html").exists()
+    assert "report.html was not written (RuntimeError: drawing failed)" in capsys.readouterr().out

@@ -229,9 +229,13 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
             })
         if report_enabled(cfg):
             started = time.perf_counter()
-            cards = write_eval_report(stage.path, cfg, rows=rows, metrics=metrics, plots=staged_plots,
-                                      threshold=module.threshold, resolved=resolved, source=source,
-                                      model=module.model, name=name)
+            try:  # a display: its failure must not take the predictions and metrics with it
+                cards = write_eval_report(stage.path, cfg, rows=rows, metrics=metrics, plots=staged_plots,
+                                          threshold=module.threshold, resolved=resolved, source=source,
+                                          model=module.model, name=name)
+            except Exception as err:  # noqa: BLE001 (reported, with its traceback in the log)
+                logging.getLogger(__name__).debug("report.html failed", exc_info=True)
+                say(f"report.html was not written ({type(err).__name__}: {err}); the other results are.")
             report_seconds = time.perf_counter() - started
     plots = sorted((out_dir / "plots").glob("*.png")) if metrics else []
     if stage.replaced:
@@ -252,7 +256,8 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
         say(f"No labels in {cfg.data.pairs}: predictions only.")
     say(f"Predictions: {out_dir / 'predictions.json'} (and .csv)"
         + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else "")
-        + (f"\nReport: {out_dir / REPORT_NAME} (written in {report_seconds:.2f} s)" if report_enabled(cfg) else ""))
+        + (f"\nReport: {out_dir / REPORT_NAME} (written in {report_seconds:.2f} s)"
+           if (out_dir / REPORT_NAME).is_file() and report_enabled(cfg) else ""))
     if cfg.get("card") and metrics:
         protocol = f"{cfg.mode} scoring, threshold {module.threshold:g}, weights {resolved.describe()}; {source_text}"
         result = EvaluationResult(name, str(cfg.data.pairs), protocol, metrics, shlex.join(["eval.py", *sys.argv[1:]]))
