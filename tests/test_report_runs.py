@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from browser import open_page
+from conftest import load_script
 from e2e_helpers import REPO_ROOT, run_script
 from PIL import Image
 
@@ -18,6 +19,10 @@ VAL_TSV = SAMPLE / "features" / "val_obj.tsv"
 INJECTED = "<script>document.title='pwned'</script> a red circle"
 
 pytestmark = pytest.mark.skipif(not VAL_TSV.exists(), reason="bundled sample features absent (data/sample)")
+# In-process entry points (as tests/test_extract.py does) where a fresh interpreter adds nothing to what is tested;
+# the wandb run keeps its own process (wandb keeps global state).
+eval_script = load_script(REPO_ROOT / "eval.py", "eval_entry_point")
+extract_script = load_script(REPO_ROOT / "extract.py")
 
 
 def _pairs(tmp_path, count: int = 12):
@@ -68,10 +73,11 @@ def test_features_only_reports_with_and_without_images_and_wandb_boxes(tmp_path)
                    for b in boxes["box_data"])
     table = json.loads(next((media / "table").glob("predictions_*.table.json")).read_text())
     assert table["columns"][-1] == "image"
+    assert next((media / "html").glob("report_*.html")).stat().st_size > 10_000  # the page, for wandb's HTML panel
 
     no_images = tmp_path / "no_images"
-    proc = run_script("eval.py", "--pairs", pairs, "--features", VAL_TSV, "--out", no_images, "report.why=0")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert eval_script.main(["--pairs", str(pairs), "--features", str(VAL_TSV), "--out", str(no_images),
+                             "report.why=0"]) == 0
     text = (no_images / "report.html").read_text()
     assert "blank canvas" in text and '<div class="why">' not in text and "<b>why</b>" not in text
 
@@ -90,9 +96,8 @@ def test_retrieval_run_writes_a_report(tmp_path):
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(captions))
     out = tmp_path / "retrieval"
-    proc = run_script("eval.py", "--task", "retrieval", "--captions", path, "--features", VAL_TSV, "--images",
-                      SAMPLE / "images" / "val", "--out", out, "report.retrieval_queries=4")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert eval_script.main(["--task", "retrieval", "--captions", str(path), "--features", str(VAL_TSV), "--images",
+                             str(SAMPLE / "images" / "val"), "--out", str(out), "report.retrieval_queries=4"]) == 0
     with open_page(out / "report.html", tmp_path / "retrieval.png") as page:
         assert page.console_errors == []
         assert all(img["natural_width"] > 0 for img in page.images)
@@ -116,7 +121,21 @@ def test_features_show_and_extract_show(tmp_path):
     for name in ("sample_val_000000.png", "sample_val_000001.png"):
         shutil.copy(SAMPLE / "images" / "val" / name, images)
     out = tmp_path / "demo.tsv"
-    proc = run_script("extract.py", "--images", images, "--out", out, "--detector", "demo-frcnn", "--given-boxes",
-                      SAMPLE / "boxes.json", "--show", "1")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert extract_script.main(["--images", str(images), "--out", str(out), "--detector", "demo-frcnn",
+                                "--given-boxes", str(SAMPLE / "boxes.json"), "--show", "1"]) == 0
     assert [p.name for p in (tmp_path / "demo.tsv.show").iterdir()] == ["sample_val_000000.png"]
+
+
+def test_a_failing_report_keeps_the_results(tmp_path, monkeypatch, capsys):
+    import lxmert_pl.runs.evaluate as evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(evaluate, "write_eval_report", broken)
+    pairs, _ = _pairs(tmp_path, count=4)
+    out = tmp_path / "out"
+    assert eval_script.main(["--pairs", str(pairs), "--features", str(VAL_TSV), "--out", str(out)]) == 0
+    assert (out / "predictions.json").exists() and (out / "metrics.json").exists()
+    assert not (out / "report.html").exists()
+    assert "report.html was not written (RuntimeError: drawing failed)" in capsys.readouterr().out

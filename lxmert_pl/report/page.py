@@ -86,7 +86,7 @@ table.kv td.v { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace
 .grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(262px, 1fr)); gap:12px; }
 .card { border:1px solid var(--line); border-radius:6px; overflow:hidden; background:#fff; display:flex;
         flex-direction:column; }
-.card .pic { background:#2e3038; display:flex; align-items:center; justify-content:center; min-height:120px; }
+.card .pic { background:#17181c; display:flex; align-items:center; justify-content:center; min-height:120px; }
 .card .pic img { display:block; max-width:100%; }
 .card .body { padding:8px 10px 10px; }
 .card .cap { font-weight:600; margin-bottom:6px; overflow-wrap:anywhere; }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +257,7 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
     rows = prediction_rows(pairs, results["index"][finite], results["score"][finite], module.threshold,
                            [*skipped, *nonfinite])
     metrics = results.get("metrics") or {}
-    cards, staged_plots = {}, []
+    cards, staged_plots, report_seconds = {}, [], 0.0
     with StagedResults(out_dir) as stage:
         write_predictions(stage.path, rows)
         OmegaConf.save(cfg, stage.path / "config.yaml")
@@ -269,16 +270,23 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
                 "num_pairs_total": len(pairs), "num_skipped": len(skipped), "num_nonfinite": len(nonfinite),
             })
         if report_enabled(cfg):
-            cards = write_eval_report(stage.path, cfg, rows=rows, metrics=metrics, plots=staged_plots,
-                                      threshold=module.threshold, resolved=resolved, source=scorer.source,
-                                      model=module.model, name=name)
+            started = time.perf_counter()
+            try:  # a display: its failure must not take the predictions and metrics with it
+                cards = write_eval_report(stage.path, cfg, rows=rows, metrics=metrics, plots=staged_plots,
+                                          threshold=module.threshold, resolved=resolved, source=scorer.source,
+                                          model=module.model, name=name)
+            except Exception as err:  # noqa: BLE001 (reported, with its traceback in the log)
+                logging.getLogger(__name__).debug("report.html failed", exc_info=True)
+                say(f"report.html was not written ({type(err).__name__}: {err}); the other results are.")
+            report_seconds = time.perf_counter() - started
     plots = sorted((out_dir / "plots").glob("*.png")) if metrics else []
     if stage.replaced:
         say(f"Replaced the results of an earlier run in {out_dir}: {', '.join(stage.replaced)}")
     for logger in loggers:
         logger.log_metrics({f"test/{k}": v for k, v in metrics.items() if v == v})  # NaN dropped
         logger.save()
-    _log_wandb(loggers, metrics, plots, rows, int(cfg.logger.wandb.table_rows), cards)
+    _log_wandb(loggers, metrics, plots, rows, int(cfg.logger.wandb.table_rows), cards,
+               out_dir / REPORT_NAME if report_enabled(cfg) else None)
     if skipped:
         say(f"Skipped {len(skipped)} pairs whose img_id no feature source has (data.skip_missing=true).")
     if nonfinite:
@@ -290,7 +298,8 @@ def _evaluate(cfg: DictConfig, name: str, out_dir: Path) -> dict[str, Any]:
         say(f"No labels in {cfg.data.pairs}: predictions only.")
     say(f"Predictions: {out_dir / 'predictions.json'} (and .csv)"
         + (f"\nMetrics: {out_dir / 'metrics.json'}\nPlots: {out_dir / 'plots'}" if metrics else "")
-        + (f"\nReport: {out_dir / REPORT_NAME}" if report_enabled(cfg) else ""))
+        + (f"\nReport: {out_dir / REPORT_NAME} (written in {report_seconds:.2f} s)"
+           if (out_dir / REPORT_NAME).is_file() and report_enabled(cfg) else ""))
     if cfg.get("card") and metrics:
         protocol = f"{cfg.mode} scoring, threshold {module.threshold:g}, weights {resolved.describe()}; {source_text}"
         result = EvaluationResult(name, str(cfg.data.pairs), protocol, metrics, shlex.join(["eval.py", *sys.argv[1:]]))
@@ -329,8 +338,9 @@ def nonfinite_pairs(pairs: list, indices: list[int], skip: bool) -> list:
 
 
 def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict], limit: int,
-               cards: dict | None = None) -> None:
-    """Metrics, plots and the predictions table; `cards` (the report's, by gallery): their pictures with boxes."""
+               cards: dict | None = None, report: Path | None = None) -> None:
+    """Metrics, plots and the predictions table; `cards` (the report's, by gallery): their pictures with boxes;
+    `report`: report.html, shown by wandb's HTML panel."""
     logger = wandb_logger(loggers)
     if logger is None:
         return
@@ -347,5 +357,7 @@ def _log_wandb(loggers: list, metrics: dict, plots: list[Path], rows: list[dict]
         columns, data = [*columns, "image"], [[*row, images.get(i)] for i, row in enumerate(data)]
     table = wandb.Table(columns=columns, data=data)
     run.log({"predictions": table})
+    if report is not None and report.is_file():
+        run.log({"report": wandb.Html(report.read_text(encoding="utf-8"), inject=False)})
     logger.finalize("success")
     run.finish()

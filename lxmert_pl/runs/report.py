@@ -105,7 +105,7 @@ def header_lines(cfg: DictConfig, resolved: ResolvedCheckpoint, source: Any, voc
         det = cfg.detector
         boxes = f"given boxes {shown_path(cfg.data.given_boxes)}" if cfg.data.given_boxes else \
             f"{det.get('min_boxes', '?')}-{det.get('max_boxes', '?')} detected boxes"
-        geometry = det.get("geometry") or "registry default"
+        geometry = getattr(getattr(source, "detector", None), "geometry", None) or det.get("geometry") or "default"
         lines += [("images", shown_path(cfg.data.images)),
                   ("detector", f"{det.ckpt} (geometry {geometry}, {boxes}, precision {det.get('precision', 'fp32')})")]
     else:
@@ -130,14 +130,19 @@ def header_lines(cfg: DictConfig, resolved: ResolvedCheckpoint, source: Any, voc
 def scorer_explainer(model: torch.nn.Module, max_seq_length: int, batch_size: int = 32):
     """`make_cards`' explainer: `Scorer.explain` on the cards' sentences and features (a second, small pass)."""
     def explain(sentences: list[str], records: list[ImageFeatures]) -> list[np.ndarray]:
-        was_training = model.training
+        was_training, threads = model.training, torch.get_num_threads()
+        device = next(model.parameters()).device
         # The model stays where it is (device and dtype); Scorer only switches it to eval mode, restored after.
-        scorer = Scorer(model, LxmertTokenizer(max_seq_length=max_seq_length), next(model.parameters()).device,
-                        batch_size)
+        scorer = Scorer(model, LxmertTokenizer(max_seq_length=max_seq_length), device, batch_size)
+        if device.type == "cpu" and getattr(model, "config", None) is not None and model.config.hidden_size < 256:
+            # A small model's ops are too small to share between threads: on a busy 2-core machine the bundled
+            # demo's why pass took 1.5-1.9 s with 2 threads and 0.5-0.6 s with one (the whole report).
+            torch.set_num_threads(1)
         try:
             return scorer.explain(sentences, [r.features for r in records], [r.normalized_boxes() for r in records])
         finally:
             model.train(was_training)
+            torch.set_num_threads(threads)
 
     return explain
 
