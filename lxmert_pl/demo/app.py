@@ -191,7 +191,7 @@ def launch_app(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, quiet:
         _, url, _ = app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True,
                                quiet=quiet, show_error=True, theme=theme(), css=CSS, ssr_mode=False,
                                mcp_server=False, max_file_size="50mb", footer_links=[])
-    except OSError as err:
+    except OSError:
         raise UserInputError(f"cannot serve on {host}:{port}: the port is taken or the address is not this "
                              "machine's (--port N, 0 for any free port; --host)") from None
     return url

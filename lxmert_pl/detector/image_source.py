@@ -53,7 +53,7 @@ from .extraction import (
 from .loading import load_detector
 from .model import BottomUpFasterRCNN
 from .selection import OBJ36, BoxSelection
-from .sharded import RankRates, ShardPlan, merge_shards, plan_path, rank_share, resume_shard
+from .sharded import RankRates, ShardPlan, merge_shards, rank_share, resume_shard
 
 KEYS_SUFFIX = ".keys.json"
 EXCHANGE_ROUND = 64  # images per rank per round when features are handed between processes (no cache)

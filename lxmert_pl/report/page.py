@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
