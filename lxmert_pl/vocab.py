@@ -8,7 +8,8 @@
 2. **Visual Genome's 1600 objects / 400 attributes** (bottom-up-attention's 1600-400-20 split, what the real
    detectors and LXMERT's obj36 features use; id i is line i of the file). They do not ship with lxmert_pl: they are
    read from `$LXMERT_PL_VG_VOCAB` (a folder), `../shared/vocab/`, or the checkpoints folder's `vg-1600-400/`, where
-   the registry alias `vg-1600-400` downloads them (verified by sha256) on first use;
+   the registry alias `vg-1600-400` downloads them (verified by sha256) on first use (not with
+   `LXMERT_PL_NO_VOCAB_DOWNLOAD=1`);
 3. **fallback labels** "class 123" / "attr 45", with ONE logged note saying how to get the names. A label is only a
    display: a missing vocabulary is never an error.
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 VG_ALIAS = "vg-1600-400"
 ENV_VG_VOCAB = "LXMERT_PL_VG_VOCAB"
+ENV_NO_VOCAB_DOWNLOAD = "LXMERT_PL_NO_VOCAB_DOWNLOAD"  # "1": never try the download (offline machines, the tests)
 OBJECTS_FILE = "objects_vocab.txt"
 ATTRIBUTES_FILE = "attributes_vocab.txt"
 VG_COUNTS = (1600, 400)
@@ -160,7 +162,7 @@ def visual_genome_vocabulary(download: bool = True) -> Vocabulary | None:
     for folder in vg_search_dirs():
         if (folder / OBJECTS_FILE).is_file() and (folder / ATTRIBUTES_FILE).is_file():
             return Vocabulary(read_names(folder / OBJECTS_FILE), read_names(folder / ATTRIBUTES_FILE), str(folder))
-    if not download or _download_failed:
+    if not download or _download_failed or os.environ.get(ENV_NO_VOCAB_DOWNLOAD) == "1":
         return None
     from lxmert_pl.registry import RegistryError, default_checkpoints_dir, download_file, load_registry
 

@@ -14,6 +14,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("LXMERT_PL_SHARED", REPO_ROOT.parent / "shared"))
 GOLDEN_DIR = SHARED_DIR / "golden"
+# Labels never reach for the network in tests (nor in the entry points they start): no VG vocabulary download.
+os.environ.setdefault("LXMERT_PL_NO_VOCAB_DOWNLOAD", "1")
 
 
 def load_script(path: Path, name: str | None = None) -> ModuleType:

@@ -17,6 +17,7 @@ def no_vg(monkeypatch, tmp_path):
     """No VG files anywhere, no download: the loader must fall back."""
     monkeypatch.setattr(vocab, "vg_search_dirs", lambda: [tmp_path / "nowhere"])
     monkeypatch.setattr(vocab, "_noted_fallback", False)
+    monkeypatch.delenv(vocab.ENV_NO_VOCAB_DOWNLOAD, raising=False)  # conftest turns the download off elsewhere
 
 
 def _write_vg(folder, objects=("yolk", "stop sign,stopsign", "person"), attributes=("gray,grey", "red")):
