@@ -221,7 +221,7 @@ def stage_labels(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
     from lxmert_pl.detector import FrcnnConfig
-    from lxmert_pl.detector.loading import CONFIG_NAME, OWN_SECTION
+    from lxmert_pl.detector.port_format import CONFIG_NAME, OWN_SECTION
     from lxmert_pl.vocab import ATTRIBUTES_KEY, OBJECTS_KEY
 
     out = DEMO / "frcnn"

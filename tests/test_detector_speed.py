@@ -239,5 +239,8 @@ def test_unfolded_nchw_network_computes_like_before(golden, frcnn_golden):
     )[0]
     assert not model.roi_head.res5[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
     data, out = golden["data"], model.detect([golden["images"][1]])[0]
-    np.testing.assert_allclose(out.pooled.numpy(), data["img1_pooled"], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(out.boxes.numpy(), data["img1_proposals"], atol=1e-4, rtol=0)
+    # 1e-6 / 1e-4 px held on the AVX-512 machine that made this test; on an AVX2 CPU oneDNN's other conv kernels
+    # differ by 1.8e-6 (features) and 3.2e-4 px (proposals, relative ~1e-6) (measured): the project's fp32 parity
+    # bound 1e-5 for features, 1e-3 px for box corners
+    np.testing.assert_allclose(out.pooled.numpy(), data["img1_pooled"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.boxes.numpy(), data["img1_proposals"], atol=1e-3, rtol=0)
