@@ -183,6 +183,20 @@ def pad_boxes(
     return out_f, out_b, mask
 
 
+def _pair_inputs(sentences: Sequence[str], features, boxes, box_mask) -> tuple:
+    """`Scorer.score`'s inputs as float32 tensors (features, boxes) and a mask (or None): lists of per-pair arrays
+    are padded and masked; the three lengths must agree."""
+    if len(sentences) != len(features) or len(features) != len(boxes):
+        raise ValueError(f"got {len(sentences)} sentences, {len(features)} feature sets, {len(boxes)} box sets")
+    if isinstance(features, (list, tuple)):
+        features, boxes, box_mask = pad_boxes(features, boxes)
+    features = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features, dtype=torch.float32)
+    boxes = torch.as_tensor(np.asarray(boxes) if not torch.is_tensor(boxes) else boxes, dtype=torch.float32)
+    if box_mask is not None:
+        box_mask = torch.as_tensor(np.asarray(box_mask) if not torch.is_tensor(box_mask) else box_mask)
+    return features, boxes, box_mask
+
+
 class Scorer:
     """Scores pairs with a loaded model; batches internally; never needs Lightning.
 
@@ -224,15 +238,7 @@ class Scorer:
         `features`/`boxes`: arrays [B, N, D] / [B, N, 4] (boxes normalised to [0, 1]) with an optional `box_mask`
         [B, N] (1 = real box), or lists of per-pair arrays with different box counts (padded and masked here).
         """
-        if len(sentences) != len(features) or len(features) != len(boxes):
-            raise ValueError(f"got {len(sentences)} sentences, {len(features)} feature sets, {len(boxes)} box sets")
-        if isinstance(features, (list, tuple)):
-            features, boxes, box_mask = pad_boxes(features, boxes)
-        features = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features,
-                                   dtype=torch.float32)
-        boxes = torch.as_tensor(np.asarray(boxes) if not torch.is_tensor(boxes) else boxes, dtype=torch.float32)
-        if box_mask is not None:
-            box_mask = torch.as_tensor(np.asarray(box_mask) if not torch.is_tensor(box_mask) else box_mask)
+        features, boxes, box_mask = _pair_inputs(sentences, features, boxes, box_mask)
         tokens = self.tokenizer(list(sentences))
         logits, probs, cosines = [], [], []
         for start in range(0, len(sentences), self.batch_size):
@@ -264,16 +270,9 @@ class Scorer:
         """
         from lxmert_pl.explain import explain_batch
 
-        if len(sentences) != len(features) or len(features) != len(boxes):
-            raise ValueError(f"got {len(sentences)} sentences, {len(features)} feature sets, {len(boxes)} box sets")
-        if isinstance(features, (list, tuple)):
-            features, boxes, box_mask = pad_boxes(features, boxes)
-        features = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features,
-                                   dtype=torch.float32)
-        boxes = torch.as_tensor(np.asarray(boxes) if not torch.is_tensor(boxes) else boxes, dtype=torch.float32)
+        features, boxes, box_mask = _pair_inputs(sentences, features, boxes, box_mask)
         if box_mask is None:
             box_mask = torch.ones(features.shape[:2], dtype=torch.long)
-        box_mask = torch.as_tensor(np.asarray(box_mask) if not torch.is_tensor(box_mask) else box_mask)
         tokens = self.tokenizer(list(sentences))
         out: list[np.ndarray] = []
         for start in range(0, len(sentences), self.batch_size):
