@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from lxmert_pl.detection_cache import DEFAULT_MEMORY_SIZE, DetectionCache, detection_key, settings_digest
 from lxmert_pl.errors import UserInputError
-from lxmert_pl.features.record import ImageFeatures, box_problem
+from lxmert_pl.features.record import ImageFeatures, box_problem, parse_boxes
 from lxmert_pl.model.heads import LxmertMatchingModel
 from lxmert_pl.retrieval import Retriever, check_k, check_mode, pick_score
 from lxmert_pl.scoring import check_feature_width, forward_batch, pad_boxes, precision_dtype
@@ -563,7 +563,7 @@ def _given_boxes_lookup(given_boxes: Any, images: Sequence[ImageInput]):
             if name not in table:
                 raise UserInputError(f"no given boxes for img_id {name!r} ({image})")
             if name not in checked:
-                checked[name] = _boxes_array(table[name], f"given_boxes[{name!r}]")
+                checked[name] = parse_boxes(table[name], f"given_boxes[{name!r}]")
             return checked[name]
 
         return by_name
@@ -571,20 +571,8 @@ def _given_boxes_lookup(given_boxes: Any, images: Sequence[ImageInput]):
     if len(entries) != len(images):
         raise UserInputError(f"given_boxes has {len(entries)} entries for {len(images)} images (one list of "
                              "[x1, y1, x2, y2] boxes, or None, per image)")
-    arrays = [None if e is None else _boxes_array(e, f"given_boxes[{i}]") for i, e in enumerate(entries)]
+    arrays = [None if e is None else parse_boxes(e, f"given_boxes[{i}]") for i, e in enumerate(entries)]
     return lambda row, image: arrays[row]
-
-
-def _boxes_array(value: Any, where: str) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise UserInputError(f"{where}: not a list of [x1, y1, x2, y2] boxes") from None
-    array = array.reshape(0, 4) if array.size == 0 else array
-    problem = box_problem(array)
-    if problem:
-        raise UserInputError(f"{where}: {problem}")
-    return array
 
 
 __all__ = ["Matcher", "Detections", "Explanation", "RankResult", "DEFAULT_CKPT", "DEFAULT_DETECTOR"]

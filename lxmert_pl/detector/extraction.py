@@ -32,7 +32,7 @@ from ..features.lines import prove_feature_tsv, repair_tail, repair_truncated
 from ..features.locking import lock_path
 from ..features.provenance import ExtractionSettings, claim_tsv
 from ..fingerprint import file_sha256
-from ..features.record import ImageFeatures, box_problem
+from ..features.record import ImageFeatures, box_problem, parse_boxes
 from ..features.tsv import TsvWriter, iter_tsv_features, read_img_ids
 from .loading import DetectorLoadReport
 from .model import BottomUpFasterRCNN
@@ -117,15 +117,7 @@ def load_given_boxes(path: str | Path) -> dict[str, np.ndarray]:
         raise UserInputError(f"{path}: expected a JSON object {{img_id: [[x1, y1, x2, y2], ...]}}")
     boxes = {}
     for img_id, rows in data.items():
-        try:
-            array = np.asarray(rows, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise UserInputError(f"{path}: boxes of {img_id!r} are not a list of [x1, y1, x2, y2]") from None
-        array = array.reshape(0, 4) if array.size == 0 else array
-        problem = box_problem(array)
-        if problem:
-            raise UserInputError(f"{path}: boxes of {img_id!r}: {problem}")
-        boxes[str(img_id)] = array
+        boxes[str(img_id)] = parse_boxes(rows, f"{path}: boxes of {img_id!r}")
     return boxes
 
 

@@ -54,6 +54,22 @@ def box_problem(boxes: np.ndarray, img_w: float | None = None, img_h: float | No
     return None
 
 
+def parse_boxes(value, where: str) -> np.ndarray:
+    """User-given (x1, y1, x2, y2) pixel boxes of one image (a list of lists, an array) as float32 (n, 4), checked
+    by `box_problem`; an empty list is (0, 4). `where` names them in the UserInputError (file and img_id, argument)."""
+    from lxmert_pl.errors import UserInputError
+
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{where}: not a list of [x1, y1, x2, y2] boxes") from None
+    array = array.reshape(0, 4) if array.size == 0 else array
+    problem = box_problem(array)
+    if problem:
+        raise UserInputError(f"{where}: {problem}")
+    return array
+
+
 @dataclass
 class ImageFeatures:
     """Detections of one image, as in one obj36 TSV row.
