@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from lxmert_pl.detector import ADAPTIVE_10_100, OBJ36, load_detector, read_image, save_tiny_detector
-from lxmert_pl.detector.agreement import region_agreement
+from lxmert_pl.detector.agreement import region_agreement, selection_agreement
 from lxmert_pl.detector.backbone import Bottleneck, FrozenBatchNorm2d, fuse_conv_bn
 from lxmert_pl.detector.random_weights import synthetic_image
+from lxmert_pl.detector.selection import select_boxes
 from lxmert_pl.errors import ConfigError
 
 from conftest import load_script
@@ -171,6 +172,32 @@ def test_bf16_head_agreement_with_fp32(golden, i):
     assert golden["bf16"].precision == "bf16" and golden["fp32"].precision == "fp32"
     assert golden["bf16"].roi_head.res5[0].conv1.weight.dtype == torch.bfloat16
     assert golden["bf16"].roi_head.predictor.cls_score.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_fast_network_selects_the_exact_networks_boxes(golden, i):
+    """The folded channels-last network against the unfolded NCHW one (the port's numbers), compared by what a user
+    writes: each of the 36 selected boxes has a partner at IoU >= 0.999 with the same object id, pooled cosine
+    >= 0.99999 (tiny golden model; bench/extract_speed.py --photos reports the same at full size)."""
+    exact = golden["plain"].detect([golden["images"][i]])[0]
+    agreement = selection_agreement(exact, golden["fp32_regions"][i], OBJ36, iou_threshold=0.999)
+    assert agreement.selected == agreement.matched == agreement.same_object == 36
+    assert agreement.min_cosine >= 0.99999
+
+
+def test_selection_agreement_counts_only_boxes_that_overlap(golden):
+    """A run against itself matches all 36 boxes at IoU 1; with one selected box moved by a quarter of its width
+    (IoU 0.6), 35 match at IoU >= 0.9."""
+    reference = golden["fp32_regions"][0]
+    same = selection_agreement(reference, reference, OBJ36)
+    assert (same.selected, same.matched, same.same_object, same.min_iou) == (36, 36, 36, 1.0)
+    assert same.min_cosine == pytest.approx(1.0, abs=1e-6)
+    moved = copy.copy(reference)
+    moved.rois = reference.rois.clone()
+    first = int(select_boxes(reference.rois, reference.cls_prob, reference.attr_prob, OBJ36, False).keep[0])
+    moved.rois[first, [0, 2]] += (moved.rois[first, 2] - moved.rois[first, 0]) / 4
+    one_moved = selection_agreement(reference, moved, OBJ36, iou_threshold=0.9)
+    assert (one_moved.selected, one_moved.matched) == (36, 35)
 
 
 def test_autocast_around_extraction_runs_and_returns_float32(golden):
