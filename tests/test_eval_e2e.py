@@ -1,6 +1,6 @@
-"""eval.py end to end on a tiny checkpoint and a tiny TSV: run as a user runs it (a subprocess) for the main run, the
-DDP run, wandb and the option errors; the other error cases call eval.py's `main` in this process (`run_in_process`:
-the same run, the same exit status and message, without ~6 s of start-up each)."""
+"""eval.py end to end on a tiny checkpoint and a tiny TSV: run as a user runs it (a subprocess) for the DDP run,
+wandb and the option errors; the other runs call eval.py's `main` in this process (`run_in_process`: the same run, the
+same exit status and messages, without ~10 s of start-up each)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def _eval(fx, out, *extra, env=None):
 @pytest.fixture(scope="module")
 def itm_run(fx, tmp_path_factory):
     out = tmp_path_factory.mktemp("itm")
-    proc = _eval(fx, out, "data.batch_size=4")
+    proc = run_in_process("eval.py", "--ckpt", fx["ckpt"], "--pairs", fx["pairs"], "--features", fx["tsv"], "--out",
+                          out, "data.batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 

@@ -2,9 +2,9 @@
 
 Each case runs the real entry point on the bundled sample (demo weights, the val TSV) and checks the exit status and
 the one-line message (exit 2, no traceback) or the files left behind. Most cases call eval.py's `main` in this
-process (`run_in_process`: what the run computes, writes and says is the same, without ~6 s of start-up each); one bad
-pair file, Ctrl-C and the wandb fallback run eval.py as a process of its own (the CLI's exit status, a real signal,
-wandb's global state).
+process (`run_in_process`: what the run computes, writes and says is the same, without ~10 s of start-up each); Ctrl-C
+and the wandb fallback run eval.py as a process of its own (a real signal, wandb's global state; the exit status 2 of
+a real eval.py process is checked in test_eval_e2e and test_config_schema).
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
     labelled.write_text(json.dumps(rows))
     unlabelled.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("label", "ground")} for r in rows]))
     return {"tmp": tmp, "labelled": labelled, "unlabelled": unlabelled}
-
-
-def _eval(*args) -> subprocess.CompletedProcess:
-    return run_script("eval.py", "--ckpt", "demo-lxrt", *args)
 
 
 def _eval_here(*args):
@@ -84,7 +80,7 @@ def test_bad_paths_and_pair_files(pairs):
     an_object = tmp / "object.json"
     an_object.write_text(json.dumps({"img_id": "x", "sent": "a red circle"}, indent=2))
     features = ["--features", str(SAMPLE / "features" / "val_obj.tsv")]
-    _user_error(_eval("--pairs", empty, *features, "--out", tmp / "e"), "empty.json")  # a process of its own
+    _user_error(_eval_here("--pairs", empty, *features, "--out", tmp / "e"), "empty.json")
     _user_error(_eval_here("--pairs", an_object, *features, "--out", tmp / "o"), "object.json")
     _user_error(_eval_here("--pairs", tmp, *features, "--out", tmp / "d"), str(tmp))
     _user_error(_eval_here("--pairs", pairs["labelled"], "--images", pairs["labelled"], "--out", tmp / "i"),

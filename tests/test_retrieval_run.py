@@ -1,7 +1,7 @@
 """eval.py --task retrieval end to end: Karpathy captions + a feature TSV, sharded over processes, resumable.
 
-The full grid, the DDP runs and the killed run are eval.py processes of their own; the other runs (errors, resumes,
-reruns) call eval.py's `main` in this process (`run_in_process`: the same run, exit status and messages, without ~6 s
+The DDP runs and the killed run are eval.py processes of their own; the other runs (the full grid, errors, resumes,
+reruns) call eval.py's `main` in this process (`run_in_process`: the same run, exit status and messages, without ~10 s
 of start-up each)."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _summary(out):
 @pytest.fixture(scope="module")
 def full_run(fx):
     out = fx["tmp"] / "full"
-    proc = _run(fx, out)
+    proc = run_in_process("eval.py", *_args(fx, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
