@@ -25,16 +25,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    binary_average_precision,
-    binary_confusion_matrix,
-    binary_f1_score,
-    binary_precision,
-    binary_precision_recall_curve,
-    binary_recall,
-)
+
+# torchmetrics is imported where it is used: importing it imports all of its metrics (torchvision, transformers,
+# scipy: ~4 s), which the matcher, the retrieval metrics and `python -m lxmert_pl.match` do not need.
 
 RECALL_AT = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")  # image -> text (TR), text -> image (IR)
@@ -47,6 +40,8 @@ def decisions(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """(threshold, F1) maximising F1 when "matched" means score >= threshold."""
+    from torchmetrics.functional.classification import binary_precision_recall_curve
+
     precision, recall, thresholds = binary_precision_recall_curve(scores, labels)
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
     best = int(f1[:-1].argmax()) if len(thresholds) else 0
@@ -54,6 +49,16 @@ def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+    from torchmetrics.functional.classification import (
+        binary_accuracy,
+        binary_auroc,
+        binary_average_precision,
+        binary_confusion_matrix,
+        binary_f1_score,
+        binary_precision,
+        binary_recall,
+    )
+
     scores, labels = scores.double(), labels.long()
     preds = decisions(scores, threshold)
     out = {

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -68,6 +72,51 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
         full_env.pop(key, None)
     return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=REPO_ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What `run_in_process` returns: the fields of `subprocess.CompletedProcess` that the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+_ENTRY_POINTS: dict[str, ModuleType] = {}
+
+
+def entry_point(script: str) -> ModuleType:
+    """The repository's `eval.py` / `train.py` / `extract.py` as a module (loaded once), to call its `main`."""
+    if script not in _ENTRY_POINTS:
+        from conftest import load_script
+
+        _ENTRY_POINTS[script] = load_script(REPO_ROOT / script, f"{Path(script).stem}_in_process")
+    return _ENTRY_POINTS[script]
+
+
+def call_main(script: str, *args) -> int:
+    """`python SCRIPT ARGS...` in this process: the entry point's `main(argv)` with `sys.argv` as that process would
+    have it (runs record their command from it); its exit status (0, or the code of its SystemExit: 2 for a user
+    error, 130 for an interrupt)."""
+    argv = [str(a) for a in args]
+    saved, sys.argv = sys.argv, [str(REPO_ROOT / script), *argv]
+    try:
+        return entry_point(script).main(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = saved
+
+
+def run_in_process(script: str, *args) -> FinishedRun:
+    """`run_script` in this process (`call_main`), with what it printed. No interpreter start-up and no imports paid
+    again (~6 s a run): for checks of what a run computes, writes and says. The CLI's own behaviour (the status of a
+    real process, signals, DDP's launched processes, wandb's global state) stays with `run_script`. A bug still ends
+    the test, with its exception (a process would print the traceback and exit 1)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        code = call_main(script, *args)
+    return FinishedRun(code, out.getvalue(), err.getvalue())
 
 
 def read_wandb_summary(run_dir: Path) -> dict:

@@ -358,8 +358,8 @@ def test_caffemodel_path_resolves_to_the_caffe_geometry():
 
 def test_extract_cli_reproduces_the_caffe_pipeline(tmp_path):
     """`extract.py --detector FILE.caffemodel --detector-config CONFIG` (no --geometry: a caffemodel means caffe),
-    both images in one batch: the golden fixed36 rows."""
-    from e2e_helpers import run_script
+    both images in one batch: the golden fixed36 rows. (extract.py's `main` in this process: `run_in_process`.)"""
+    from e2e_helpers import run_in_process
 
     from lxmert_pl.features.tsv import iter_tsv_features
 
@@ -369,8 +369,8 @@ def test_extract_cli_reproduces_the_caffe_pipeline(tmp_path):
     for name in ("astronaut.png", "coffee.png"):
         (images / name).write_bytes((caffemodel.parent / name).read_bytes())
     out = tmp_path / "obj36.tsv"
-    done = run_script("extract.py", "--images", images, "--out", out, "--detector", caffemodel,
-                      "--detector-config", config, "--batch-size", "2", timeout=600)
+    done = run_in_process("extract.py", "--images", images, "--out", out, "--detector", caffemodel,
+                          "--detector-config", config, "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     assert "geometry: caffe" in done.stdout and "loaded 167 caffe layers" in done.stdout
     data = np.load(caffemodel.parent / "tiny_caffemodel_outputs.npz")

@@ -1,6 +1,7 @@
 """The bundled demo: `python eval.py` with no arguments (raw images -> demo detector at the ground-truth boxes ->
 demo LXRT) reaches the demo's accuracy on data/sample's val pairs, and the two-step run on the bundled val TSV
-(`--with-feat`) gives the same predictions. The bundle is made by scripts/make_demo.py."""
+(`--with-feat`) gives the same predictions. The bundle is made by scripts/make_demo.py. `python eval.py` itself runs as
+a user runs it (a process of its own); the other runs call eval.py's `main` in this process (`run_in_process`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import run_in_process
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_demo_reaches_its_accuracy_target(one_step):
 
 def test_demo_generalises_to_the_test_pairs(tmp_path):
     """The val pairs chose the training epoch; the test pairs were never seen: the target must hold there too."""
-    proc = run_eval("--test", "demo_test", "--out", str(tmp_path / "demo_test"))
+    proc = run_in_process("eval.py", "--test", "demo_test", "--out", tmp_path / "demo_test")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics, scores = read_run(tmp_path / "demo_test")
     assert len(scores) == 200
@@ -79,7 +81,7 @@ def test_demo_generalises_to_the_test_pairs(tmp_path):
 @pytest.mark.skipif(not VAL_TSV.exists(), reason="bundled val features absent: scripts/make_demo.py --stages features")
 def test_two_step_matches_one_step(one_step, tmp_path):
     _, metrics, scores = one_step
-    proc = run_eval("--with-feat", "--out", str(tmp_path / "two_step"))
+    proc = run_in_process("eval.py", "--with-feat", "--out", tmp_path / "two_step")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two_metrics, two_scores = read_run(tmp_path / "two_step")
     assert two_scores.keys() == scores.keys()
@@ -92,7 +94,7 @@ def test_one_step_with_the_bf16_detector_head(one_step, tmp_path):
     """`detector.precision=bf16` (configs/shared/detector.yaml) on the one-step path: the in-memory detector's
     weights are fingerprinted for the feature cache in bf16 too, and the scores stay those of the fp32 head."""
     _, metrics, scores = one_step
-    proc = run_eval("detector.precision=bf16", "--out", str(tmp_path / "bf16"))
+    proc = run_in_process("eval.py", "detector.precision=bf16", "--out", tmp_path / "bf16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bf16_metrics, bf16_scores = read_run(tmp_path / "bf16")
     assert bf16_scores.keys() == scores.keys()

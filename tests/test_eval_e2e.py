@@ -1,4 +1,6 @@
-"""eval.py end to end, run as a user runs it (a subprocess), on a tiny checkpoint and a tiny TSV."""
+"""eval.py end to end on a tiny checkpoint and a tiny TSV: run as a user runs it (a subprocess) for the DDP run,
+wandb and the option errors; the other runs call eval.py's `main` in this process (`run_in_process`: the same run, the
+same exit status and messages, without ~10 s of start-up each)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from e2e_helpers import make_eval_fixture, read_wandb_summary, run_script, save_vqa_snapshot
+from e2e_helpers import make_eval_fixture, read_wandb_summary, run_in_process, run_script, save_vqa_snapshot
 
 from lxmert_pl.scoring import Scorer
 
@@ -25,7 +27,8 @@ def _eval(fx, out, *extra, env=None):
 @pytest.fixture(scope="module")
 def itm_run(fx, tmp_path_factory):
     out = tmp_path_factory.mktemp("itm")
-    proc = _eval(fx, out, "data.batch_size=4")
+    proc = run_in_process("eval.py", "--ckpt", fx["ckpt"], "--pairs", fx["pairs"], "--features", fx["tsv"], "--out",
+                          out, "data.batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -98,14 +101,14 @@ def test_metrics_equal_independent_computation(itm_run):
 def test_cosine_mode_on_vqa_snapshot(fx, tmp_path):
     vqa = tmp_path / "BEST.pth"
     save_vqa_snapshot(vqa, fx["model"])
-    proc = run_script("eval.py", "--ckpt", vqa, "--pairs", fx["pairs"], "--features", fx["tsv"], "--out",
-                      tmp_path / "out", "--mode", "cosine")
+    proc = run_in_process("eval.py", "--ckpt", vqa, "--pairs", fx["pairs"], "--features", fx["tsv"], "--out",
+                          tmp_path / "out", "--mode", "cosine")
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds = json.loads((tmp_path / "out" / "predictions.json").read_text())
     np.testing.assert_allclose([p["score"] for p in preds], _expected_scores(fx, "cosine"), atol=1e-5)
     assert "lxrt-finetuned" in proc.stdout
-    proc = run_script("eval.py", "--ckpt", vqa, "--pairs", fx["pairs"], "--features", fx["tsv"], "--out",
-                      tmp_path / "out2", "--mode", "itm")
+    proc = run_in_process("eval.py", "--ckpt", vqa, "--pairs", fx["pairs"], "--features", fx["tsv"], "--out",
+                          tmp_path / "out2", "--mode", "itm")
     assert proc.returncode == 2
     assert "no matching head" in proc.stderr and "--mode cosine" in proc.stderr
 
@@ -151,11 +154,11 @@ def test_unknown_option_and_key(fx, tmp_path):
 
 
 def test_missing_files(fx, tmp_path):
-    proc = run_script("eval.py", "--ckpt", fx["ckpt"], "--pairs", tmp_path / "nope.json", "--features", fx["tsv"],
-                      "--out", tmp_path / "o")
+    proc = run_in_process("eval.py", "--ckpt", fx["ckpt"], "--pairs", tmp_path / "nope.json", "--features", fx["tsv"],
+                          "--out", tmp_path / "o")
     assert proc.returncode == 2 and "pairs file not found" in proc.stderr and "nope.json" in proc.stderr
-    proc = run_script("eval.py", "--ckpt", fx["ckpt"], "--pairs", fx["pairs"], "--features", tmp_path / "no.tsv",
-                      "--out", tmp_path / "o")
+    proc = run_in_process("eval.py", "--ckpt", fx["ckpt"], "--pairs", fx["pairs"], "--features", tmp_path / "no.tsv",
+                          "--out", tmp_path / "o")
     assert proc.returncode == 2 and "no.tsv" in proc.stderr
 
 
@@ -164,11 +167,12 @@ def test_pairs_with_unknown_img_id(fx, tmp_path):
     rows += [{"question_id": 1, "img_id": "COCO_val2014_999999999999", "sent": "a ghost", "ground": "False"}]
     bad = tmp_path / "bad_pairs.json"
     bad.write_text(json.dumps(rows))
-    proc = run_script("eval.py", "--ckpt", fx["ckpt"], "--pairs", bad, "--features", fx["tsv"], "--out", tmp_path / "o")
+    proc = run_in_process("eval.py", "--ckpt", fx["ckpt"], "--pairs", bad, "--features", fx["tsv"], "--out",
+                          tmp_path / "o")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "COCO_val2014_999999999999" in proc.stderr and "1 of 14 pairs" in proc.stderr
-    proc = run_script("eval.py", "--ckpt", fx["ckpt"], "--pairs", bad, "--features", fx["tsv"], "--out",
-                      tmp_path / "skip", "data.skip_missing=true")
+    proc = run_in_process("eval.py", "--ckpt", fx["ckpt"], "--pairs", bad, "--features", fx["tsv"], "--out",
+                          tmp_path / "skip", "data.skip_missing=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Skipped 1 pairs" in proc.stdout
     assert len(json.loads((tmp_path / "skip" / "predictions.json").read_text())) == 13

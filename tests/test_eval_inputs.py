@@ -1,7 +1,10 @@
 """eval.py on what users really pass: globs, reused output folders, bad boxes/pair files, wrong paths.
 
 Each case runs the real entry point on the bundled sample (demo weights, the val TSV) and checks the exit status and
-the one-line message (exit 2, no traceback) or the files left behind.
+the one-line message (exit 2, no traceback) or the files left behind. Most cases call eval.py's `main` in this
+process (`run_in_process`: what the run computes, writes and says is the same, without ~10 s of start-up each); Ctrl-C
+and the wandb fallback run eval.py as a process of its own (a real signal, wandb's global state; the exit status 2 of
+a real eval.py process is checked in test_eval_e2e and test_config_schema).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import REPO_ROOT, run_script
+from e2e_helpers import REPO_ROOT, run_in_process, run_script
 
 pytestmark = pytest.mark.slow
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -28,8 +31,9 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
     return {"tmp": tmp, "labelled": labelled, "unlabelled": unlabelled}
 
 
-def _eval(*args) -> subprocess.CompletedProcess:
-    return run_script("eval.py", "--ckpt", "demo-lxrt", *args)
+def _eval_here(*args):
+    """eval.py --ckpt demo-lxrt ... in this process (see the module's docstring)."""
+    return run_in_process("eval.py", "--ckpt", "demo-lxrt", *args)
 
 
 def _user_error(done, *needles: str) -> str:
@@ -43,11 +47,11 @@ def _user_error(done, *needles: str) -> str:
 
 def test_feature_glob_and_reused_output_folder(pairs):
     out = pairs["tmp"] / "out"
-    first = _eval("--pairs", pairs["labelled"], "--features", str(SAMPLE / "features" / "val_*.tsv"), "--out", out)
+    first = _eval_here("--pairs", pairs["labelled"], "--features", str(SAMPLE / "features" / "val_*.tsv"), "--out", out)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "metrics.json").exists() and (out / "plots").is_dir()
     # The same folder, unlabelled pairs: the old metrics and plots must not sit beside the new predictions.
-    second = _eval("--pairs", pairs["unlabelled"], "--features", SAMPLE / "features" / "val_obj.tsv", "--out", out)
+    second = _eval_here("--pairs", pairs["unlabelled"], "--features", SAMPLE / "features" / "val_obj.tsv", "--out", out)
     assert second.returncode == 0, second.stderr[-3000:]
     assert not (out / "metrics.json").exists() and not (out / "plots").exists()
     assert "Replaced the results of an earlier run" in second.stdout
@@ -64,8 +68,8 @@ def test_bad_boxes_files_are_named(pairs):
     inverted = tmp / "boxes_inverted.json"
     inverted.write_text(json.dumps({"sample_val_000000": [[30, 2, 10, 40]]}))
     for boxes in (not_json, wrong_shape, inverted):
-        done = _eval("--pairs", pairs["labelled"], "--images", SAMPLE / "images" / "val", "--given-boxes", boxes,
-                     "--out", tmp / "boxes_out")
+        done = _eval_here("--pairs", pairs["labelled"], "--images", SAMPLE / "images" / "val", "--given-boxes", boxes,
+                         "--out", tmp / "boxes_out")
         _user_error(done, boxes.name)
 
 
@@ -76,10 +80,10 @@ def test_bad_paths_and_pair_files(pairs):
     an_object = tmp / "object.json"
     an_object.write_text(json.dumps({"img_id": "x", "sent": "a red circle"}, indent=2))
     features = ["--features", str(SAMPLE / "features" / "val_obj.tsv")]
-    _user_error(_eval("--pairs", empty, *features, "--out", tmp / "e"), "empty.json")
-    _user_error(_eval("--pairs", an_object, *features, "--out", tmp / "o"), "object.json")
-    _user_error(_eval("--pairs", tmp, *features, "--out", tmp / "d"), str(tmp))
-    _user_error(_eval("--pairs", pairs["labelled"], "--images", pairs["labelled"], "--out", tmp / "i"),
+    _user_error(_eval_here("--pairs", empty, *features, "--out", tmp / "e"), "empty.json")
+    _user_error(_eval_here("--pairs", an_object, *features, "--out", tmp / "o"), "object.json")
+    _user_error(_eval_here("--pairs", tmp, *features, "--out", tmp / "d"), str(tmp))
+    _user_error(_eval_here("--pairs", pairs["labelled"], "--images", pairs["labelled"], "--out", tmp / "i"),
                 "labelled.json")
 
 
@@ -141,11 +145,11 @@ def test_nonfinite_scores_are_named_or_skipped_when_asked(pairs):
             if record.img_id == poisoned_id:  # finite, but overflows inside the model
                 record = dataclasses.replace(record, features=np.full_like(record.features, 3e38))
             writer.write(record)
-    refused = _eval("--pairs", pairs["labelled"], "--features", tsv, "--out", tmp / "nan_refused")
+    refused = _eval_here("--pairs", pairs["labelled"], "--features", tsv, "--out", tmp / "nan_refused")
     line = _user_error(refused, "non-finite score", poisoned_id, "skip_nonfinite=true")
     assert not (tmp / "nan_refused" / "predictions.json").exists(), line
-    skipped = _eval("--pairs", pairs["labelled"], "--features", tsv, "--out", tmp / "nan_skipped",
-                    "skip_nonfinite=true")
+    skipped = _eval_here("--pairs", pairs["labelled"], "--features", tsv, "--out", tmp / "nan_skipped",
+                        "skip_nonfinite=true")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     bad = sum(row["img_id"] == poisoned_id for row in rows)
     predictions = json.loads((tmp / "nan_skipped" / "predictions.json").read_text())  # strict JSON: no bare NaN

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from e2e_helpers import run_script, write_shape_task
+from e2e_helpers import run_in_process, write_shape_task
 
 from lxmert_pl.export import EvaluationResult, add_evaluation, read_model_card
 from lxmert_pl.export.__main__ import main as export_main
@@ -68,16 +68,16 @@ def test_original_snapshot_exports_for_transformers(lxrt_golden, tmp_path, weigh
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A train.py run on a tiny learnable task with validation: best.ckpt and the card beside it."""
+    """A train.py run (in this process) on a tiny learnable task with validation: best.ckpt and the card beside it."""
     tmp = tmp_path_factory.mktemp("train_export")
     data = write_shape_task(tmp, 24, seed=0, prefix="small", dim=64)
     torch.manual_seed(0)
     model = LxmertMatchingModel(get_preset("tiny").replace(visual_feat_dim=64))
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp / "init.pth")
     (tmp / "init.pth.config.json").write_text(json.dumps(model.config.to_dict()))
-    proc = run_script("train.py", "--ckpt", tmp / "init.pth", "--train", data["pairs"], "--val", data["pairs"],
-                      "--features", data["tsv"], "--batch-size", "16", "--max-epochs", "2", "--out", tmp / "run",
-                      "trainer.accelerator=cpu")
+    proc = run_in_process("train.py", "--ckpt", tmp / "init.pth", "--train", data["pairs"], "--val", data["pairs"],
+                          "--features", data["tsv"], "--batch-size", "16", "--max-epochs", "2", "--out", tmp / "run",
+                          "trainer.accelerator=cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {**data, "tmp": tmp, "best": tmp / "run" / "checkpoints" / "best.ckpt", "stdout": proc.stdout}
 
@@ -117,8 +117,8 @@ def test_train_checkpoint_exports_for_transformers(trained, tmp_path):
 
 def test_eval_adds_its_metrics_to_the_card(trained, tmp_path):
     card_dir = trained["best"].parent
-    proc = run_script("eval.py", "--ckpt", trained["best"], "--pairs", trained["pairs"], "--features",
-                      trained["tsv"], "--out", tmp_path / "eval", "--name", "shapes_val", "--card", card_dir)
+    proc = run_in_process("eval.py", "--ckpt", trained["best"], "--pairs", trained["pairs"], "--features",
+                          trained["tsv"], "--out", tmp_path / "eval", "--name", "shapes_val", "--card", card_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, evaluations = read_model_card(card_dir)
     assert [e.name for e in evaluations] == ["shapes_val"]

@@ -13,10 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from e2e_helpers import REPO_ROOT, run_script, save_tiny_snapshot, save_vqa_snapshot
+from e2e_helpers import REPO_ROOT, run_in_process, save_tiny_snapshot, save_vqa_snapshot
 from lxmert_pl.errors import CheckpointError, UserInputError
 from lxmert_pl.detector.image_input import to_bgr
 from lxmert_pl.detector.preprocess import ImageReadError
@@ -53,10 +52,10 @@ def fresh(matcher, **kwargs):
 def test_scores_equal_eval_one_step(matcher, tmp_path):
     pairs = json.loads(VAL_PAIRS.read_text())[:NUM_EVAL_PAIRS]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    # Same thread count in both processes: the detector's features differ in the last bits (and the scores by
-    # ~1e-6) between 1 and 2 threads.
-    proc = run_script("eval.py", "--pairs", tmp_path / "pairs.json", "--images", VAL_IMAGES, "--given-boxes", BOXES,
-                      "--out", tmp_path / "out", "report=false", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    # eval.py in this process (`run_in_process`): the same thread count as the matcher's (the detector's features
+    # differ in the last bits, and the scores by ~1e-6, between 1 and 2 threads).
+    proc = run_in_process("eval.py", "--pairs", tmp_path / "pairs.json", "--images", VAL_IMAGES, "--given-boxes",
+                          BOXES, "--out", tmp_path / "out", "report=false")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
     expected = {row["question_id"]: row["score"] for row in rows}

@@ -1,4 +1,8 @@
-"""eval.py --task retrieval end to end: Karpathy captions + a feature TSV, sharded over processes, resumable."""
+"""eval.py --task retrieval end to end: Karpathy captions + a feature TSV, sharded over processes, resumable.
+
+The DDP runs and the killed run are eval.py processes of their own; the other runs (the full grid, errors, resumes,
+reruns) call eval.py's `main` in this process (`run_in_process`: the same run, exit status and messages, without ~10 s
+of start-up each)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from e2e_helpers import run_script, save_tiny_snapshot
+from e2e_helpers import run_in_process, run_script, save_tiny_snapshot
 from helpers_features import write_synthetic_tsv
 
 from lxmert_pl.retrieval import Retriever
@@ -47,6 +51,12 @@ def _run(fx, out, *extra, devices=1):
     return run_script("eval.py", *_args(fx, out, *extra, devices=devices))
 
 
+@pytest.fixture
+def run_here(fx):
+    """`_run` (one process) in this process: run_here(out, *extra)."""
+    return lambda out, *extra: run_in_process("eval.py", *_args(fx, out, *extra))
+
+
 def _reference(fx, k=None):
     features = [r.features for r in fx["records"]]
     boxes = [r.normalized_boxes() for r in fx["records"]]
@@ -60,7 +70,7 @@ def _summary(out):
 @pytest.fixture(scope="module")
 def full_run(fx):
     out = fx["tmp"] / "full"
-    proc = _run(fx, out)
+    proc = run_in_process("eval.py", *_args(fx, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -86,30 +96,30 @@ def test_full_grid_equals_the_retriever(fx, full_run):
     assert [t["index"] for t in row["top"]] == np.argsort(-scores[0], kind="stable")[:10].tolist()
 
 
-def test_registry_alias_and_missing_features_are_named(fx, tmp_path):
-    proc = _run(fx, tmp_path / "x", "--ckpt", "no-such-alias")
+def test_registry_alias_and_missing_features_are_named(fx, tmp_path, run_here):
+    proc = run_here(tmp_path / "x", "--ckpt", "no-such-alias")
     assert proc.returncode == 2 and "no-such-alias" in proc.stderr and "Traceback" not in proc.stderr
     records = fx["records"][:5]
     write_synthetic_tsv(tmp_path / "partial.tsv", [r.img_id for r in records], num_boxes=[3] * 5, dim=2048)
-    proc = run_script("eval.py", "--task", "retrieval", "--ckpt", fx["ckpt"], "--captions", fx["captions"],
-                      "--split", "test", "--features", tmp_path / "partial.tsv", "--out", tmp_path / "p")
+    proc = run_in_process("eval.py", "--task", "retrieval", "--ckpt", fx["ckpt"], "--captions", fx["captions"],
+                          "--split", "test", "--features", tmp_path / "partial.tsv", "--out", tmp_path / "p")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "2 of 7 images" in proc.stderr and "1005" in proc.stderr and "partial.tsv" in proc.stderr
 
 
-def test_resume_scores_only_the_missing_blocks(fx, full_run, tmp_path):
+def test_resume_scores_only_the_missing_blocks(fx, full_run, tmp_path, run_here):
     out = tmp_path / "resumed"
-    proc = _run(fx, out, "retrieval.max_blocks=3")
+    proc = run_here(out, "retrieval.max_blocks=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rerun the same command" in proc.stdout and not (out / "metrics.json").exists()
     assert len(list((out / "shards").glob("block_*.npz"))) == 3
-    proc = _run(fx, out)
+    proc = run_here(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(out)
     first_three = 2 * 5 * 3  # blocks 0-2: images 0-1 x captions 0-14
     assert summary["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS - first_three
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(full_run[0] / "scores.npy"), atol=1e-6)
-    proc = _run(fx, out, "--k", "3")  # other settings in the same folder
+    proc = run_here(out, "--k", "3")  # other settings in the same folder
     assert proc.returncode == 2 and "made otherwise" in proc.stderr and "settings.k: null -> 3" in proc.stderr
 
 
@@ -119,7 +129,7 @@ def test_rerun_with_other_weights_or_features_is_refused_or_started_afresh(fx, f
     then --overwrite starts afresh. The fingerprint names what changed."""
     import shutil
 
-    env = {"LXMERT_PL_HASH_CACHE": str(tmp_path / "sha256.json")}
+    monkeypatch.setenv("LXMERT_PL_HASH_CACHE", str(tmp_path / "sha256.json"))  # for the runs and this test
     other = tmp_path / "other.tsv"
     write_synthetic_tsv(other, [r.img_id for r in fx["records"]], num_boxes=[5, 9, 3, 7, 12, 4, 6], dim=2048, seed=4)
     assert other.stat().st_size == fx["tsv"].stat().st_size
@@ -130,7 +140,7 @@ def test_rerun_with_other_weights_or_features_is_refused_or_started_afresh(fx, f
     def run(out, *extra, features=fx["tsv"]):
         args = _args(fx, out, *extra)
         args[args.index(fx["ckpt"])], args[args.index(fx["tsv"])] = ckpt, features
-        return run_script("eval.py", *args, env=env)
+        return run_in_process("eval.py", *args)
 
     out = tmp_path / "partial"  # the uninterrupted run's first 3 blocks only: what an interrupted run leaves
     shutil.copytree(full_run[0] / "shards", out / "shards")
@@ -138,7 +148,6 @@ def test_rerun_with_other_weights_or_features_is_refused_or_started_afresh(fx, f
         path.unlink()
     from lxmert_pl.fingerprint import file_sha256
 
-    monkeypatch.setenv("LXMERT_PL_HASH_CACHE", env["LXMERT_PL_HASH_CACHE"])
     file_sha256(ckpt)  # the hash cache knows this path's old content
     save_tiny_snapshot(ckpt, seed=1)  # other weights, same size, same path; and other features of the same img_ids
     assert ckpt.stat().st_size == fx["ckpt"].stat().st_size
@@ -160,7 +169,7 @@ def test_rerun_with_other_weights_or_features_is_refused_or_started_afresh(fx, f
 
 
 @pytest.mark.slow
-def test_retrieval_killed_mid_grid_resumes_to_the_uninterrupted_result(fx, full_run, tmp_path):
+def test_retrieval_killed_mid_grid_resumes_to_the_uninterrupted_result(fx, full_run, tmp_path, run_here):
     """A real SIGKILL after 4 finished blocks (tests/killed_retrieval.py), then the same command again."""
     import signal
     import subprocess
@@ -174,7 +183,7 @@ def test_retrieval_killed_mid_grid_resumes_to_the_uninterrupted_result(fx, full_
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     finished = _shard_pairs(out)
     assert len(list((out / "shards").glob("block_*.npz"))) == 4 and not (out / "metrics.json").exists()
-    resumed = _run(fx, out)
+    resumed = run_here(out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _summary(out)["pairs_scored_this_run"] == NUM_IMAGES * NUM_CAPTIONS - len(finished)
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(full_run[0] / "scores.npy"), atol=1e-6)
@@ -191,12 +200,16 @@ def _shard_pairs(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [None, 3])
-def test_two_processes_equal_one_and_score_each_pair_once(fx, tmp_path, k):
+def test_two_processes_equal_one_and_score_each_pair_once(fx, full_run, tmp_path, run_here, k):
     extra = [] if k is None else ["--k", str(k)]
     one, two = tmp_path / "one", tmp_path / "two"
-    for out, devices in ((one, 1), (two, 2)):
-        proc = _run(fx, out, *extra, devices=devices)
+    if k is None:
+        one = full_run[0]  # the same one-process command
+    else:
+        proc = run_here(one, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(fx, two, *extra, devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     s1, s2 = _summary(one), _summary(two)
     np.testing.assert_allclose(np.load(two / "scores.npy"), np.load(one / "scores.npy"), atol=1e-6)
     for key, value in s1["metrics"].items():

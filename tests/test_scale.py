@@ -3,7 +3,8 @@
 Each node is a process of the real entry point with the variables of a general cluster (MASTER_ADDR=127.0.0.1,
 MASTER_PORT, NODE_RANK=0/1, WORLD_SIZE=2, LOCAL_RANK=0) and `--accelerator cpu --devices 1 --num-nodes 2` (gloo);
 one extraction test goes through torchrun itself (`python -m torch.distributed.run --nnodes 2 --node-rank K`).
-Their outputs must be those of one process: the same TSV bytes, the same predictions.
+Their outputs must be those of one process: the same TSV bytes, the same predictions. The one-process references
+run the entry point's `main` in this process, on one torch thread (as OMP_NUM_THREADS=1 gives the nodes).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import load_script
-from e2e_helpers import REPO_ROOT, make_eval_fixture, run_script
+from e2e_helpers import REPO_ROOT, entry_point, make_eval_fixture
 from omegaconf import OmegaConf
 
 from lxmert_pl.detector import OBJ36, load_detector, save_tiny_detector
@@ -99,12 +99,15 @@ def detector(tmp_path_factory) -> Path:
     return save_tiny_detector(tmp_path_factory.mktemp("det") / "tiny", seed=0, min_size_test=96, max_size_test=160)
 
 
+def _extract_here(*args) -> None:
+    """extract.py in this process (a one-process reference)."""
+    assert entry_point("extract.py").main([str(a) for a in args]) == 0
+
+
 @pytest.fixture(scope="module")
-def one_process(images, detector, tmp_path_factory) -> Path:
+def one_process(images, detector, tmp_path_factory, one_torch_thread) -> Path:
     out = tmp_path_factory.mktemp("one") / "feats.tsv"
-    proc = run_script("extract.py", "--images", images, "--out", out, "--detector", detector, "--accelerator", "cpu",
-                      env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _extract_here("--images", images, "--out", out, "--detector", detector, "--accelerator", "cpu")
     return out
 
 
@@ -128,13 +131,11 @@ def test_two_node_extraction_writes_the_one_process_tsv(images, detector, one_pr
 
 
 @pytest.mark.slow
-def test_two_node_extraction_killed_mid_shard_resumes_to_the_uninterrupted_tsv(images, tmp_path):
+def test_two_node_extraction_killed_mid_shard_resumes_to_the_uninterrupted_tsv(images, tmp_path, one_torch_thread):
     """A real SIGKILL of both nodes while their shards fill, then the same two-node command again."""
     slow = save_tiny_detector(tmp_path / "slow", seed=0, min_size_test=320, max_size_test=640)  # ~0.3 s per image
     reference = tmp_path / "one" / "feats.tsv"
-    proc = run_script("extract.py", "--images", images, "--out", reference, "--detector", slow, "--accelerator", "cpu",
-                      env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _extract_here("--images", images, "--out", reference, "--detector", slow, "--accelerator", "cpu")
 
     out = tmp_path / "two" / "feats.tsv"
     args = ["--images", images, "--out", out, "--detector", slow]
@@ -204,12 +205,16 @@ def _same_predictions(out: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_node_eval_on_features_matches_one_process(tmp_path):
+def _eval_here(*args) -> None:
+    """eval.py in this process (a one-process reference)."""
+    assert entry_point("eval.py").main([str(a) for a in args]) == 0
+
+
+def test_two_node_eval_on_features_matches_one_process(tmp_path, one_torch_thread):
     (tmp_path / "fx").mkdir()
     fx = make_eval_fixture(tmp_path / "fx")
     args = ["--ckpt", fx["ckpt"], "--pairs", fx["pairs"], "--features", fx["tsv"], "data.batch_size=4"]
-    proc = run_script("eval.py", *args, "--out", tmp_path / "one", "--accelerator", "cpu", env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _eval_here(*args, "--out", tmp_path / "one", "--accelerator", "cpu")
     logs = _run_nodes("eval.py", [*args, "--out", tmp_path / "two"])
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
     assert len(_predictions(tmp_path / "two")) == 13
@@ -236,7 +241,7 @@ def _demo_detector_or_skip() -> None:
 
 
 @pytest.mark.slow
-def test_two_node_one_step_eval_matches_one_process(tmp_path):
+def test_two_node_one_step_eval_matches_one_process(tmp_path, one_torch_thread):
     """--images without the cache: each distinct image is detected once, by the node that owns it, and handed to the
     node whose pairs need it."""
     sample = REPO_ROOT / "data" / "sample"
@@ -252,8 +257,7 @@ def test_two_node_one_step_eval_matches_one_process(tmp_path):
             # the scoring's detections are counted: without the cache, report.html's cards re-detect the images of
             # the shown pairs that rank 0 did not hold (a display cost, not the scoring's)
             "report=false"]
-    proc = run_script("eval.py", *args, "--out", tmp_path / "one", "--accelerator", "cpu", env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _eval_here(*args, "--out", tmp_path / "one", "--accelerator", "cpu")
     log = tmp_path / "detections.txt"
     logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args, "--out", tmp_path / "two"])
     _same_predictions(tmp_path / "two", tmp_path / "one")
@@ -264,32 +268,46 @@ def test_two_node_one_step_eval_matches_one_process(tmp_path):
     assert "detected 4 images on 2 process(es)" in logs[0] and "img/s overall" in logs[0]
 
 
+VAL_SUBSET = 40  # images of the bundled val set for the killed-node run: 20 per node, 5 detector batches each
+
+
 @pytest.fixture(scope="module")
-def one_step_reference(tmp_path_factory, one_torch_thread) -> Path:
-    """One-step eval of the bundled val set (100 images, 200 pairs) in one process (in this one: no start-up)."""
+def val_subset(tmp_path_factory) -> dict:
+    """The first VAL_SUBSET images of the bundled val set (by id) and the val pairs that name them; `args`: eval.py's
+    one-step arguments on them."""
     _demo_detector_or_skip()
+    sample = REPO_ROOT / "data" / "sample"
+    pairs = json.loads((sample / "val_pairs.json").read_text())
+    chosen = sorted({p["img_id"] for p in pairs})[:VAL_SUBSET]
+    tmp = tmp_path_factory.mktemp("val_subset")
+    (tmp / "images").mkdir()
+    for img_id in chosen:
+        shutil.copy(sample / "images" / "val" / f"{img_id}.png", tmp / "images")
+    (tmp / "pairs.json").write_text(json.dumps([p for p in pairs if p["img_id"] in chosen]))
+    return {"ids": chosen, "args": ["--ckpt", "demo-lxrt", "--pairs", tmp / "pairs.json", "--images", tmp / "images"]}
+
+
+@pytest.fixture(scope="module")
+def one_step_reference(val_subset, tmp_path_factory, one_torch_thread) -> Path:
+    """One-step eval of the val subset in one process (in this one: no start-up)."""
     out = tmp_path_factory.mktemp("one_step") / "one"
-    eval_script = load_script(REPO_ROOT / "eval.py", "eval_entry_point")
-    assert eval_script.main([*ONE_STEP_VAL, "--out", str(out), "--accelerator", "cpu"]) == 0
+    _eval_here(*val_subset["args"], "--out", out, "--accelerator", "cpu")
     return out
 
 
-ONE_STEP_VAL = ["--ckpt", "demo-lxrt", "--pairs", str(REPO_ROOT / "data" / "sample" / "val_pairs.json"),
-                "--images", str(REPO_ROOT / "data" / "sample" / "images" / "val")]
-
-
 @pytest.mark.slow
-def test_two_node_one_step_eval_shares_the_detection_and_resumes_a_killed_node(one_step_reference, tmp_path):
-    """The bundled val set on two nodes with the cache: each node detects its half of the distinct images into its
-    shard of the cache. Node 1 is SIGKILLed after 32 of its 50 rows, a whole number of detector batches (4), so no
+def test_two_node_one_step_eval_shares_the_detection_and_resumes_a_killed_node(val_subset, one_step_reference,
+                                                                               tmp_path):
+    """The val subset (40 images) on two nodes with the cache: each node detects its half of the distinct images into
+    its shard of the cache. Node 1 is SIGKILLed after 12 of its 20 rows, a whole number of detector batches (4), so no
     detection is lost in flight (node 0 ends at the gather that follows its share); the same command then resumes
     both shards (node 0's is complete: it waits) and ends with the one-process result. Every image is detected
     exactly once over both runs (counted by tests/counted_eval.py)."""
     out, log = tmp_path / "two", tmp_path / "detections.txt"
     cache = out / "image_features.tsv"
     shards = [out / f"image_features.tsv.shard{k}.tsv" for k in (0, 1)]
-    args = [*ONE_STEP_VAL, "--out", out]
-    processes = _start_nodes("tests/counted_eval.py", [log, 32, "--", *args])
+    args = [*val_subset["args"], "--out", out]
+    processes = _start_nodes("tests/counted_eval.py", [log, 12, "--", *args])
     try:
         killed = processes[1].communicate(timeout=300)[0]
         assert processes[1].returncode == -signal.SIGKILL, killed[-3000:]
@@ -301,21 +319,20 @@ def test_two_node_one_step_eval_shares_the_detection_and_resumes_a_killed_node(o
         for process in processes:
             process.kill()
             process.communicate()
-    assert [len(read_img_ids(shard)) for shard in shards] == [50, 32]
+    assert [len(read_img_ids(shard)) for shard in shards] == [20, 12]
     assert not cache.exists() or not read_img_ids(cache)  # nothing merged: the kill came before the merge
 
     logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args])
     assert "resuming the 2 shard file(s) of an interrupted run" in logs[0]
     assert "rank 0: resuming" in logs[0] and "rank 1: resuming" in logs[1]
-    assert "detected 18 images on 2 process(es)" in logs[0] and "rank 0: 0, rank 1: 18 (" in logs[0]
+    assert "detected 8 images on 2 process(es)" in logs[0] and "rank 0: 0, rank 1: 8 (" in logs[0]
     _same_predictions(out, one_step_reference)
     _same_rows(cache, one_step_reference / "image_features.tsv")
     assert not list(out.glob("image_features.tsv.shard*")) and not (out / "image_features.tsv.shards.json").exists()
     detected = _detections(log)
-    val_ids = sorted({p["img_id"] for p in json.loads((REPO_ROOT / "data" / "sample" / "val_pairs.json").read_text())})
-    assert len(val_ids) == 100 and sorted(img_id for _, img_id in detected) == val_ids  # each exactly once
-    per_node = Counter(node for node, _ in detected)
-    assert 40 <= per_node["0"] <= 60 and 40 <= per_node["1"] <= 60, per_node
+    assert len(val_subset["ids"]) == VAL_SUBSET and sorted(img_id for _, img_id in detected) == val_subset["ids"]
+    per_node = Counter(node for node, _ in detected)  # each image exactly once, about half on each node
+    assert 16 <= per_node["0"] <= 24 and 16 <= per_node["1"] <= 24, per_node
 
 
 @pytest.mark.slow
@@ -331,8 +348,7 @@ def test_two_node_one_step_retrieval_detects_each_image_once(tmp_path, one_torch
         shutil.copy(sample / "images" / "val" / f"{entry['img_id']}.png", tmp_path / "images")
     args = ["--task", "retrieval", "--ckpt", "demo-lxrt", "--captions", str(tmp_path / "captions.json"),
             "--images", str(tmp_path / "images")]
-    eval_script = load_script(REPO_ROOT / "eval.py", "eval_entry_point")
-    assert eval_script.main([*args, "--out", str(tmp_path / "one"), "--accelerator", "cpu"]) == 0
+    _eval_here(*args, "--out", tmp_path / "one", "--accelerator", "cpu")
     log = tmp_path / "detections.txt"
     logs = _run_nodes("tests/counted_eval.py", [log, 0, "--", *args, "--out", tmp_path / "two"])
     assert "detected 6 images on 2 process(es)" in logs[0] and "rank 0: 3 (" in logs[0]

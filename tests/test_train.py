@@ -1,4 +1,7 @@
-"""train.py: exact resume, DDP on 2 CPU processes, checkpoints usable by eval.py, caption negatives, freezing."""
+"""train.py: exact resume, DDP on 2 CPU processes, checkpoints usable by eval.py, caption negatives, freezing.
+
+The DDP run is a train.py process of its own (Lightning launches the second one); the other runs call the entry
+points' `main` in this process (`run_in_process`: the same run without ~6 s of start-up each)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
-from e2e_helpers import run_script, write_shape_task
+from e2e_helpers import run_in_process, run_script, write_shape_task
 
 from lxmert_pl.data.dataset import MatchingDataset
 from lxmert_pl.data.train_datamodule import CaptionNegativesDataset, normalise_caption
@@ -29,12 +32,28 @@ def task(tmp_path_factory):
     return {**data, "ckpt": tmp / "init.pth", "tmp": tmp}
 
 
+def _train_args(task, out, *extra, max_epochs: int = 3) -> list:
+    return ["--ckpt", task["ckpt"], "--train", task["pairs"], "--features", task["tsv"], "--batch-size", "8",
+            "--max-epochs", str(max_epochs), "--out", out, "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
+            *extra]
+
+
 def _train(task, out, *extra, max_epochs: int = 3):
-    proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", task["tsv"],
-                      "--batch-size", "8", "--max-epochs", str(max_epochs), "--out", out, "trainer.log_every_n_steps=1",
-                      "trainer.accelerator=cpu", *extra)
+    """train.py as a process of its own."""
+    proc = run_script("train.py", *_train_args(task, out, *extra, max_epochs=max_epochs))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+@pytest.fixture
+def train_here(task):
+    """`_train` in this process: train_here(out, *extra, max_epochs=3)."""
+    def train(out, *extra, max_epochs: int = 3):
+        proc = run_in_process("train.py", *_train_args(task, out, *extra, max_epochs=max_epochs))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return train
 
 
 def _losses(out):
@@ -42,11 +61,13 @@ def _losses(out):
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def test_resume_mid_epoch_continues_exactly(task, tmp_path):
+def test_resume_mid_epoch_continues_exactly(tmp_path, train_here):
     # 80 pairs / 8 = 10 batches per epoch: stop at step 7 (mid-epoch), resume to 13, compare with one run to 13.
-    _train(task, tmp_path / "a", "trainer.max_steps=7")
-    _train(task, tmp_path / "b", "trainer.max_steps=13", "--resume", tmp_path / "a" / "checkpoints" / "last.ckpt")
-    _train(task, tmp_path / "c", "trainer.max_steps=13")
+    # The runs share this process: the whole run goes between the stop and the resume, so that nothing the resume
+    # needs can come from the memory of the run it resumes (only from last.ckpt).
+    train_here(tmp_path / "a", "trainer.max_steps=7")
+    train_here(tmp_path / "c", "trainer.max_steps=13")
+    train_here(tmp_path / "b", "trainer.max_steps=13", "--resume", tmp_path / "a" / "checkpoints" / "last.ckpt")
     resumed, whole = _losses(tmp_path / "b"), _losses(tmp_path / "c")
     assert sorted(resumed) == list(range(7, 13))
     for step in range(7, 13):
@@ -58,13 +79,14 @@ def test_feature_globs_are_expanded_and_recorded_as_files(task, tmp_path):
     """`--features` takes globs (as eval.py does): the run records the matched files, so a resume with the same
     pattern passes the data check."""
     pattern = str(task["tsv"].parent / ("*" + task["tsv"].suffix))
-    proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", pattern,
-                      "--batch-size", "8", "--out", tmp_path / "g", "trainer.max_steps=2", "trainer.accelerator=cpu")
+    proc = run_in_process("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", pattern,
+                          "--batch-size", "8", "--out", tmp_path / "g", "trainer.max_steps=2",
+                          "trainer.accelerator=cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert OmegaConf.load(tmp_path / "g" / "config.yaml").data.features == [str(task["tsv"])]
-    proc = run_script("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", pattern,
-                      "--batch-size", "8", "--out", tmp_path / "g", "trainer.max_steps=3", "trainer.accelerator=cpu",
-                      "--resume", tmp_path / "g" / "checkpoints" / "last.ckpt")
+    proc = run_in_process("train.py", "--ckpt", task["ckpt"], "--train", task["pairs"], "--features", pattern,
+                          "--batch-size", "8", "--out", tmp_path / "g", "trainer.max_steps=3",
+                          "trainer.accelerator=cpu", "--resume", tmp_path / "g" / "checkpoints" / "last.ckpt")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -73,8 +95,8 @@ def test_two_process_training_and_its_checkpoint_evaluates(task, tmp_path):
     _train(task, tmp_path / "ddp", "--devices", "2", "--val", task["pairs"], max_epochs=1)
     best = tmp_path / "ddp" / "checkpoints" / "best.ckpt"
     assert best.exists() and (tmp_path / "ddp" / "checkpoints" / "last.ckpt").exists()
-    proc = run_script("eval.py", "--ckpt", best, "--pairs", task["pairs"], "--features", task["tsv"],
-                      "--out", tmp_path / "eval")
+    proc = run_in_process("eval.py", "--ckpt", best, "--pairs", task["pairs"], "--features", task["tsv"],
+                          "--out", tmp_path / "eval")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[lightning]" in proc.stdout
     assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())) == 80
@@ -147,9 +169,9 @@ def test_matching_is_learned_from_scratch(tmp_path):
     before = _val_roc(model.eval(), task)
     assert 0.3 < before < 0.7, before
 
-    proc = run_script("train.py", "--ckpt", tmp_path / "init.pth", "--train", train["pairs"], "--val", val["pairs"],
-                      "--features", train["tsv"], "--features", val["tsv"], "--out", tmp_path / "run",
-                      "--max-epochs", "6", "optim.lr=3e-3", "trainer.accelerator=cpu")
+    proc = run_in_process("train.py", "--ckpt", tmp_path / "init.pth", "--train", train["pairs"], "--val",
+                          val["pairs"], "--features", train["tsv"], "--features", val["tsv"], "--out", tmp_path / "run",
+                          "--max-epochs", "6", "optim.lr=3e-3", "trainer.accelerator=cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained, report = load_lxmert(tmp_path / "run" / "checkpoints" / "best.ckpt")
     assert report.format == "lightning"

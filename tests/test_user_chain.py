@@ -2,7 +2,8 @@
 
 1. two-step: `extract.py` with the detector's OWN boxes (no --given-boxes) -> `eval.py --features` on that TSV;
 2. one-step: `eval.py --images DIR` without a boxes file (the detector proposes the boxes).
-Both once failed: detected boxes overshot the image border and eval refused them.
+Both once failed: detected boxes overshot the image border and eval refused them. The entry points' `main` runs in
+this process (`run_in_process`: the same runs without ~6 s of start-up each).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import REPO_ROOT, run_script
+from e2e_helpers import REPO_ROOT, run_in_process
 
 pytestmark = pytest.mark.slow
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -41,18 +42,18 @@ def _predictions(out: Path) -> list[dict]:
 def test_extract_with_detected_boxes_then_eval(small_val_set):
     tmp = small_val_set["tmp"]
     tsv = tmp / "detected.tsv"
-    extracted = run_script("extract.py", "--images", small_val_set["images"], "--out", tsv, "--detector", "demo-frcnn",
-                           "--boxes", "10")
+    extracted = run_in_process("extract.py", "--images", small_val_set["images"], "--out", tsv, "--detector",
+                               "demo-frcnn", "--boxes", "10")
     assert extracted.returncode == 0, extracted.stderr[-3000:]
-    evaluated = run_script("eval.py", "--ckpt", "demo-lxrt", "--pairs", small_val_set["pairs"], "--features", tsv,
-                           "--out", tmp / "two_step")
+    evaluated = run_in_process("eval.py", "--ckpt", "demo-lxrt", "--pairs", small_val_set["pairs"], "--features", tsv,
+                               "--out", tmp / "two_step")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert len(_predictions(tmp / "two_step")) == small_val_set["num_pairs"]
 
 
 def test_one_step_eval_with_detected_boxes(small_val_set):
     tmp = small_val_set["tmp"]
-    evaluated = run_script("eval.py", "--ckpt", "demo-lxrt", "--pairs", small_val_set["pairs"], "--images",
-                           small_val_set["images"], "--out", tmp / "one_step")
+    evaluated = run_in_process("eval.py", "--ckpt", "demo-lxrt", "--pairs", small_val_set["pairs"], "--images",
+                               small_val_set["images"], "--out", tmp / "one_step")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert len(_predictions(tmp / "one_step")) == small_val_set["num_pairs"]
