@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +17,15 @@ SHARED_DIR = Path(os.environ.get("LXMERT_PL_SHARED", REPO_ROOT.parent / "shared"
 GOLDEN_DIR = SHARED_DIR / "golden"
 # Labels never reach for the network in tests (nor in the entry points they start): no VG vocabulary download.
 os.environ.setdefault("LXMERT_PL_NO_VOCAB_DOWNLOAD", "1")
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """Every test starts with Python's own SIGINT handler. A pytest started as a background job (`cmd &` in a
+    script) inherits an ignored SIGINT, and Lightning ignores SIGINT after a KeyboardInterrupt it handled in this
+    process; the processes a test starts inherit "ignored", and the Ctrl-C tests could not pass."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 def load_script(path: Path, name: str | None = None) -> ModuleType:
