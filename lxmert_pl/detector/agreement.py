@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchvision.ops import box_iou
 
 from .model import ImageRegions
 from .selection import BoxSelection, select_boxes
@@ -100,8 +101,6 @@ def selection_agreement(
 ) -> SelectionAgreement:
     """Compare the boxes each run's selection writes (features, boxes, object ids), matched by IoU; proposals may
     differ."""
-    from torchvision.ops import box_iou
-
     chosen_ref = select_boxes(reference.rois, reference.cls_prob, reference.attr_prob, selection, background_first)
     chosen_cand = select_boxes(candidate.rois, candidate.cls_prob, candidate.attr_prob, selection, background_first)
     iou = box_iou(chosen_ref.boxes.double(), chosen_cand.boxes.double())
